@@ -1,0 +1,41 @@
+# Two commands do all set-up (see README.md):
+#   make lab    create/update .venv with the pinned versions, then start JupyterLab on notebooks/
+#   make test   the same set-up, then every unit test and every notebook under nbval
+# Both are idempotent: pip runs again only when pyproject.toml or constraints.txt change.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.flaxtrain-installed
+PYTEST_ARGS ?=
+
+.PHONY: lab test unit notebooks bench setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "flaxtrain needs Python 3.11 or newer; $(PYTHON) is %d.%d" % sys.version_info[:2])'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[notebooks,test]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name flaxtrain --display-name "Python (flaxtrain)" >/dev/null
+	@touch $(STAMP)
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab --notebook-dir=notebooks --ServerApp.ip=127.0.0.1 --MappingKernelManager.default_kernel_name=flaxtrain
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+# Re-execute notebooks in place (all, or NB="notebooks/03_*.ipynb").
+NB ?= notebooks/[0-9]*.ipynb
+notebooks: $(STAMP)
+	$(BIN)/python tools/notebooks.py execute $(NB)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,105 @@
+"""Plots of training curves and learning-rate schedules.
+
+Each function takes data and an optional matplotlib ``ax``, draws on it and
+returns it; none of them changes global matplotlib settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from matplotlib import pyplot as plt
+from matplotlib.axes import Axes
+
+from flaxtrain import _checks
+from flaxtrain.history import History
+
+__all__ = ['plot_history', 'plot_schedule']
+
+
+def _axes(ax: Axes | None) -> Axes:
+  if ax is None:
+    _, ax = plt.subplots(figsize=(6, 4))
+  return ax
+
+
+def plot_history(
+    history: History, metric: str = 'loss', *, ax: Axes | None = None, log_scale: bool = False
+) -> Axes:
+  """Plots ``metric`` for training and validation against the step on one axes.
+
+  Draws, when recorded: the per-step training values (thin line), the
+  per-epoch ``train_<metric>`` and ``val_<metric>`` (markers, at the step
+  where each epoch ended).
+
+  Args:
+    history: a :class:`flaxtrain.History`.
+    metric: e.g. ``'loss'`` or ``'accuracy'``.
+    ax: axes to draw on; a new figure when omitted.
+    log_scale: logarithmic y axis (useful for losses).
+
+  Returns:
+    The axes.
+
+  Raises:
+    ValueError: if nothing named ``metric`` was recorded.
+  """
+  steps, epochs = history.steps(), history.epochs()
+  series = []
+  if metric in steps:
+    series.append((steps['step'], steps[metric], dict(lw=1, alpha=0.5, label=f'train {metric} (step)')))
+  for split in ('train', 'val'):
+    name = f'{split}_{metric}'
+    if name in epochs:
+      series.append((epochs['step'], epochs[name], dict(marker='o', label=f'{split} {metric} (epoch)')))
+  if not series:
+    recorded = sorted((set(steps) | set(epochs)) - {'step', 'epoch'})
+    raise ValueError(f'metric: expected one of the recorded metrics {recorded}, got {metric!r}')
+  ax = _axes(ax)
+  for x, y, style in series:
+    ax.plot(x, y, **style)
+  ax.set_xlabel('step')
+  ax.set_ylabel(metric)
+  if log_scale:
+    ax.set_yscale('log')
+  ax.legend()
+  ax.grid(alpha=0.3)
+  return ax
+
+
+def plot_schedule(
+    schedule: Callable[[jax.Array], jax.Array],
+    num_steps: int,
+    *,
+    ax: Axes | None = None,
+    label: str | None = None,
+    **plot_kwargs,
+) -> Axes:
+  """Plots any optax schedule (``step -> learning rate``) over ``num_steps``.
+
+  Args:
+    schedule: e.g. ``optax.warmup_cosine_decay_schedule(...)``.
+    num_steps: steps 0 .. num_steps - 1 are drawn.
+    ax: axes to draw on; a new figure when omitted.
+    label: legend label.
+    **plot_kwargs: passed to ``ax.plot``.
+
+  Returns:
+    The axes.
+  """
+  if not callable(schedule):
+    raise TypeError(f'schedule: expected a callable step -> learning rate, got {schedule!r}')
+  _checks.check_positive_int('num_steps', num_steps)
+  steps = np.arange(num_steps)
+  values = np.asarray(jax.vmap(schedule)(jnp.asarray(steps)))
+  ax = _axes(ax)
+  ax.plot(steps, values, label=label, **plot_kwargs)
+  ax.set_xlabel('step')
+  ax.set_ylabel('learning rate')
+  if label is not None:
+    ax.legend()
+  ax.grid(alpha=0.3)
+  return ax

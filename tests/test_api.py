@@ -1,0 +1,37 @@
+"""The public API is pinned: notebooks and users import these names."""
+
+import flaxtrain
+
+EXPECTED = {
+    # losses
+    'l2_penalty', 'masked_mean', 'mean_squared_error', 'softmax_cross_entropy',
+    'softmax_cross_entropy_with_integer_labels',
+    # metrics
+    'accuracy',
+    # steps
+    'LossFn', 'classification_loss', 'current_learning_rate', 'eval_view', 'evaluate', 'make_eval_step', 'make_train_step',
+    # data
+    'DataLoader', 'Splits', 'load_digits',
+    # models
+    'CNN', 'MLP',
+    # history and plotting
+    'History', 'plot_history', 'plot_schedule',
+}
+
+
+def test_all_is_pinned():
+  assert set(flaxtrain.__all__) == EXPECTED
+  assert len(flaxtrain.__all__) == len(set(flaxtrain.__all__)), 'duplicate names in __all__'
+
+
+def test_every_exported_name_exists_and_is_documented():
+  for name in flaxtrain.__all__:
+    obj = getattr(flaxtrain, name)
+    if callable(obj) and name != 'LossFn':
+      assert obj.__doc__ and obj.__doc__.strip(), f'{name} has no docstring'
+
+
+def test_no_unexported_public_functions_leak():
+  public = {n for n in vars(flaxtrain) if not n.startswith('_')}
+  modules = {n for n in public if type(getattr(flaxtrain, n)).__name__ == 'module'}
+  assert public - modules - {'annotations'} == EXPECTED
