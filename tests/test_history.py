@@ -1,0 +1,63 @@
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flaxtrain as ft
+from flaxtrain import history as history_module
+
+
+def test_steps_are_transferred_in_one_batch_per_flush(monkeypatch):
+  calls = []
+  real = jax.device_get
+  monkeypatch.setattr(history_module.jax, 'device_get', lambda x: calls.append(1) or real(x))
+  history = ft.History(flush_every=10)
+  for step in range(1, 10):
+    history.record_step(step, {'loss': jnp.float32(step)})
+  assert calls == [], 'recording must not pull values off the device'
+  history.record_step(10, {'loss': jnp.float32(10)})
+  assert len(calls) == 1, 'the tenth record flushes all ten in one transfer'
+  np.testing.assert_array_equal(history.steps()['loss'], np.arange(1, 11))
+  assert len(calls) == 1, 'nothing left to transfer'
+
+
+def test_export_fills_missing_metrics_with_nan():
+  history = ft.History()
+  history.record_step(1, {'loss': 1.0})
+  history.record_step(2, {'loss': 0.5, 'grad_norm': jnp.float32(3.0)})
+  steps = history.steps()
+  np.testing.assert_array_equal(steps['step'], [1, 2])
+  assert np.isnan(steps['grad_norm'][0]) and steps['grad_norm'][1] == 3.0
+  assert len(history) == 2
+
+
+def test_epochs_record_the_step_they_ended_at():
+  history = ft.History()
+  history.record_epoch(0, {'val_loss': jnp.float32(0.7), 'train_loss': 0.9}, step=8)
+  history.record_epoch(1, {'val_loss': 0.4, 'train_loss': 0.5}, step=16)
+  epochs = history.epochs()
+  np.testing.assert_array_equal(epochs['epoch'], [0, 1])
+  np.testing.assert_array_equal(epochs['step'], [8, 16])
+  np.testing.assert_allclose(epochs['val_loss'], [0.7, 0.4], rtol=1e-6)
+
+
+def test_state_dict_round_trips_through_json():
+  history = ft.History()
+  history.record_step(1, {'loss': jnp.float32(2.5)})
+  history.record_epoch(0, {'val_accuracy': 0.75}, step=1)
+  restored = ft.History.from_state_dict(json.loads(json.dumps(history.state_dict())))
+  for a, b in ((history.steps(), restored.steps()), (history.epochs(), restored.epochs())):
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_bad_input():
+  with pytest.raises(ValueError, match='flush_every: expected a positive int, got 0'):
+    ft.History(flush_every=0)
+  with pytest.raises(TypeError, match='metrics: expected a dict of scalars, got float'):
+    ft.History().record_step(1, 0.5)
+  with pytest.raises(ValueError, match="state: expected a dict with keys 'steps' and 'epochs'"):
+    ft.History.from_state_dict({'steps': []})

@@ -1,0 +1,53 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import flaxtrain as ft
+
+
+@pytest.mark.parametrize('input_shape', [(8, 8, 1), (28, 28, 1), (7, 9, 3)])
+def test_cnn_flattened_size_follows_the_input_shape(input_shape):
+  model = ft.CNN(4, input_shape=input_shape, rngs=nnx.Rngs(0))
+  h, w, _ = input_shape
+  assert model.dense.in_features == (h // 2) * (w // 2) * 64
+  assert model(jnp.ones((2, *input_shape))).shape == (2, 4)
+
+
+def test_mlp_shapes_and_parameter_count():
+  model = ft.MLP(64, (32, 16), 10, rngs=nnx.Rngs(0))
+  assert model(jnp.ones((3, 8, 8, 1))).shape == (3, 10)
+  want = 64 * 32 + 32 + 32 * 16 + 16 + 16 * 10 + 10
+  assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) == want
+
+
+def test_models_are_deterministic_given_the_seed():
+  a = ft.CNN(rngs=nnx.Rngs(7))(jnp.ones((1, 8, 8, 1)))
+  b = ft.CNN(rngs=nnx.Rngs(7))(jnp.ones((1, 8, 8, 1)))
+  c = ft.CNN(rngs=nnx.Rngs(8))(jnp.ones((1, 8, 8, 1)))
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, c)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  model = ft.MLP(64, (8,), 10, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  assert model.out.kernel[...].dtype == jnp.float32
+  assert model(jnp.ones((2, 64))).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize('make, match', [
+    (lambda: ft.MLP(64, (0,), 10, rngs=nnx.Rngs(0)), 'hidden: expected a positive int, got 0'),
+    (lambda: ft.MLP(64, (8,), 10, dropout_rate=1.0, rngs=nnx.Rngs(0)), r'dropout_rate: expected a value in \[0, 1\)'),
+    (lambda: ft.CNN(input_shape=(1, 8, 1), rngs=nnx.Rngs(0)), 'input_shape: expected height and width of at least 2'),
+])
+def test_bad_constructor_arguments(make, match):
+  with pytest.raises(ValueError, match=match):
+    make()
+
+
+def test_wrong_input_shape_is_named():
+  with pytest.raises(ValueError, match=r'x: expected images of shape \(batch, 8, 8, 1\), got \(2, 28, 28, 1\)'):
+    ft.CNN(rngs=nnx.Rngs(0))(jnp.ones((2, 28, 28, 1)))
+  with pytest.raises(ValueError, match='x: expected 64 features per example after flattening, got 784'):
+    ft.MLP(64, (8,), 10, rngs=nnx.Rngs(0))(jnp.ones((2, 28, 28)))
