@@ -20,8 +20,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m ipykernel install --sys-prefix --name flaxtrain --display-name "Python (flaxtrain)" >/dev/null
 	@touch $(STAMP)
 
+# Bound to localhost with token authentication on. Jupyter refuses to run as root unless told to;
+# containers often run as root, so the flag is added only then.
+ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 lab: $(STAMP)
-	$(BIN)/jupyter lab --notebook-dir=notebooks --ServerApp.ip=127.0.0.1 --MappingKernelManager.default_kernel_name=flaxtrain
+	$(BIN)/jupyter lab --notebook-dir=notebooks --ServerApp.ip=127.0.0.1 --MappingKernelManager.default_kernel_name=flaxtrain $(ALLOW_ROOT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
