@@ -124,7 +124,7 @@ class DataLoader:
     lengths = {name: len(array) for name, array in data.items()}
     if len(set(lengths.values())) != 1:
       raise ValueError(f'data: expected arrays of equal length, got lengths {lengths}')
-    _checks.check_positive_int('batch_size', batch_size)
+    _checks.check_int('batch_size', batch_size)
     if remainder not in ('drop', 'pad'):
       raise ValueError(f"remainder: expected 'drop' or 'pad', got {remainder!r}")
     self._size = next(iter(lengths.values()))

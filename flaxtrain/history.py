@@ -31,10 +31,15 @@ def _columns(rows: list[dict[str, float]], index: str) -> dict[str, np.ndarray]:
 class History:
   """Per-step and per-epoch metrics, exported as NumPy arrays.
 
+  Steps are counted as optax counts them: the first update is step 0. A step
+  metric recorded at step ``i`` was measured on the parameters after ``i``
+  updates, and its ``learning_rate`` is ``schedule(i)``, so it lines up with
+  :func:`flaxtrain.plot_schedule`. An epoch record's ``step`` is the number of
+  updates done when it was measured.
+
   Conventions used by :func:`flaxtrain.plot_history`: step metrics are named
   plainly (``loss``, ``accuracy``, ``grad_norm``, ``learning_rate``); epoch
-  metrics carry a ``train_`` or ``val_`` prefix and the ``step`` at which the
-  epoch ended.
+  metrics carry a ``train_`` or ``val_`` prefix.
 
   Example:
     >>> history = History()
@@ -45,7 +50,7 @@ class History:
   """
 
   def __init__(self, flush_every: int = 100):
-    _checks.check_positive_int('flush_every', flush_every)
+    _checks.check_int('flush_every', flush_every)
     self.flush_every = flush_every
     self._pending: list[tuple[int, Mapping[str, Any]]] = []
     self._step_rows: list[dict[str, float]] = []

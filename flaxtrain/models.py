@@ -45,10 +45,10 @@ class MLP(nnx.Module):
       param_dtype: jnp.dtype = jnp.float32,
       rngs: nnx.Rngs,
   ):
-    _checks.check_positive_int('in_features', in_features)
-    _checks.check_positive_int('out_features', out_features)
+    _checks.check_int('in_features', in_features)
+    _checks.check_int('out_features', out_features)
     for width in hidden:
-      _checks.check_positive_int('hidden', width)
+      _checks.check_int('hidden', width)
     if not 0.0 <= dropout_rate < 1.0:
       raise ValueError(f'dropout_rate: expected a value in [0, 1), got {dropout_rate!r}')
     self.in_features = in_features

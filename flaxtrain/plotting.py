@@ -92,7 +92,7 @@ def plot_schedule(
   """
   if not callable(schedule):
     raise TypeError(f'schedule: expected a callable step -> learning rate, got {schedule!r}')
-  _checks.check_positive_int('num_steps', num_steps)
+  _checks.check_int('num_steps', num_steps)
   steps = np.arange(num_steps)
   values = np.asarray(jax.vmap(schedule)(jnp.asarray(steps)))
   ax = _axes(ax)

@@ -66,6 +66,11 @@ def execute(path: pathlib.Path, timeout: int = 900) -> float:
   return seconds
 
 
+def shown(path: pathlib.Path) -> pathlib.Path:
+  """``path`` relative to the repository when it is inside it, as given otherwise."""
+  return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
 def problems(path: pathlib.Path) -> list[str]:
   """Everything wrong with the stored notebook at ``path`` (empty if fine)."""
   found = []
@@ -78,7 +83,7 @@ def problems(path: pathlib.Path) -> list[str]:
   if stored != source_hash(nb):
     found.append(
         'stored outputs are stale (cells, flaxtrain or constraints.txt changed since it was '
-        f'executed): run `make notebooks NB={path.relative_to(ROOT)}`'
+        f'executed): run `make notebooks NB={shown(path)}`'
     )
   code = [c for c in nb.cells if c.cell_type == 'code' and c.source.strip()]
   counts = [c.get('execution_count') for c in code]
@@ -110,11 +115,11 @@ def main(argv: list[str] | None = None) -> int:
   status = 0
   for path in notebooks(args.paths):
     if args.command == 'execute':
-      print(f'executing {path.relative_to(ROOT)} ...', flush=True)
+      print(f'executing {shown(path)} ...', flush=True)
       print(f'  done in {execute(path):.0f} s', flush=True)
     else:
       for problem in problems(path):
-        print(f'{path.relative_to(ROOT)}: {problem}')
+        print(f'{shown(path)}: {problem}')
         status = 1
   return status
 
