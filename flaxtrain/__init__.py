@@ -34,6 +34,9 @@ from flaxtrain.data import load_digits
 from flaxtrain.models import CNN
 from flaxtrain.models import MLP
 
+# optim (notebook 03)
+from flaxtrain.optim import make_optimizer
+
 # history and plotting (notebook 00)
 from flaxtrain.history import History
 from flaxtrain.plotting import plot_history
@@ -65,6 +68,8 @@ __all__ = [
     # models
     'CNN',
     'MLP',
+    # optim
+    'make_optimizer',
     # history and plotting
     'History',
     'plot_history',

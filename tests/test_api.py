@@ -14,6 +14,8 @@ EXPECTED = {
     'DataLoader', 'Splits', 'load_digits',
     # models
     'CNN', 'MLP',
+    # optim
+    'make_optimizer',
     # history and plotting
     'History', 'plot_history', 'plot_schedule',
 }
