@@ -37,6 +37,11 @@ from flaxtrain.models import MLP
 # optim (notebook 03)
 from flaxtrain.optim import make_optimizer
 
+# schedules (notebook 04)
+from flaxtrain.schedules import constant_schedule
+from flaxtrain.schedules import exponential_decay
+from flaxtrain.schedules import warmup_cosine
+
 # history and plotting (notebook 00)
 from flaxtrain.history import History
 from flaxtrain.plotting import plot_history
@@ -70,6 +75,10 @@ __all__ = [
     'MLP',
     # optim
     'make_optimizer',
+    # schedules
+    'constant_schedule',
+    'exponential_decay',
+    'warmup_cosine',
     # history and plotting
     'History',
     'plot_history',

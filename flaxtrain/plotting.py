@@ -80,21 +80,39 @@ def plot_schedule(
 ) -> Axes:
   """Plots any optax schedule (``step -> learning rate``) over ``num_steps``.
 
+  Steps ``0 .. num_steps - 1`` are drawn: the rates that ``num_steps``
+  updates use, since optax evaluates the schedule at its update count, which
+  starts at 0. The schedule is evaluated for all steps at once with
+  ``jax.vmap``, on int32 steps as optax passes them.
+
   Args:
-    schedule: e.g. ``optax.warmup_cosine_decay_schedule(...)``.
-    num_steps: steps 0 .. num_steps - 1 are drawn.
+    schedule: e.g. ``optax.warmup_cosine_decay_schedule(...)`` or a
+      :mod:`flaxtrain.schedules` builder's result.
+    num_steps: a positive int, the number of steps drawn.
     ax: axes to draw on; a new figure when omitted.
     label: legend label.
     **plot_kwargs: passed to ``ax.plot``.
 
   Returns:
     The axes.
+
+  Raises:
+    TypeError: if ``schedule`` is not callable.
+    ValueError: if ``num_steps`` is not a positive int, or ``schedule``
+      does not return one scalar per step.
+
+  Example:
+    >>> ax = plot_schedule(optax.cosine_decay_schedule(1e-3, 100), 100, label='cosine')
   """
   if not callable(schedule):
     raise TypeError(f'schedule: expected a callable step -> learning rate, got {schedule!r}')
   _checks.check_int('num_steps', num_steps)
   steps = np.arange(num_steps)
-  values = np.asarray(jax.vmap(schedule)(jnp.asarray(steps)))
+  values = np.asarray(jax.vmap(schedule)(jnp.asarray(steps, dtype=jnp.int32)), dtype=np.float64)
+  if values.shape != (num_steps,):
+    raise ValueError(
+        f'schedule: expected a scalar learning rate for each step, got shape {values.shape[1:]} per step'
+    )
   ax = _axes(ax)
   ax.plot(steps, values, label=label, **plot_kwargs)
   ax.set_xlabel('step')

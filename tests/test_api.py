@@ -16,6 +16,8 @@ EXPECTED = {
     'CNN', 'MLP',
     # optim
     'make_optimizer',
+    # schedules
+    'constant_schedule', 'exponential_decay', 'warmup_cosine',
     # history and plotting
     'History', 'plot_history', 'plot_schedule',
 }
