@@ -47,6 +47,11 @@ from flaxtrain.history import History
 from flaxtrain.plotting import plot_history
 from flaxtrain.plotting import plot_schedule
 
+# checkpoint and loop (notebook 08)
+from flaxtrain.checkpoint import Checkpoints
+from flaxtrain.checkpoint import restore_checkpoint
+from flaxtrain.loop import fit
+
 __version__ = '0.1.0'
 
 __all__ = [
@@ -83,4 +88,8 @@ __all__ = [
     'History',
     'plot_history',
     'plot_schedule',
+    # checkpoint and loop
+    'Checkpoints',
+    'restore_checkpoint',
+    'fit',
 ]

@@ -20,6 +20,8 @@ EXPECTED = {
     'constant_schedule', 'exponential_decay', 'warmup_cosine',
     # history and plotting
     'History', 'plot_history', 'plot_schedule',
+    # checkpoint and loop
+    'Checkpoints', 'restore_checkpoint', 'fit',
 }
 
 

@@ -1,0 +1,356 @@
+"""fit(): exact resume, interruption, non-finite losses, bad checkpoints, syncs and modes.
+
+A tiny MLP with Dropout (so the RNG state matters) on a slice of digits: 128
+training images in batches of 32 (4 steps per epoch) and 64 validation images.
+"""
+
+import re
+import shutil
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from orbax.checkpoint._src.path import atomicity  # pinned orbax: the commit step of a save
+
+import flaxtrain as ft
+from _trees import as_numpy, assert_trees_equal
+import flaxtrain.loop
+
+STEPS_PER_EPOCH = 4
+EPOCHS = 4  # the reference run; resumed runs stop at EPOCHS // 2 first
+
+
+@pytest.fixture(scope='module')
+def digits():
+  splits = ft.load_digits(seed=0)
+  train = {k: v[:128] for k, v in splits.train.items()}
+  val = {k: v[:64] for k, v in splits.val.items()}
+  return train, val
+
+
+def train_loader(digits, batch_size=32):
+  return ft.DataLoader(digits[0], batch_size, seed=3)
+
+
+def val_loader(digits):
+  return ft.DataLoader(digits[1], 32, shuffle=False, remainder='pad')
+
+
+def make_model(seed=0, hidden=(32,), dropout_rate=0.3):
+  return ft.MLP(64, hidden, 10, dropout_rate=dropout_rate, rngs=nnx.Rngs(seed))
+
+
+SCHEDULE = optax.warmup_cosine_decay_schedule(0.0, 3e-3, 4, EPOCHS * STEPS_PER_EPOCH)
+
+
+def make_tx():
+  return optax.chain(optax.clip_by_global_norm(1.0), optax.inject_hyperparams(optax.adamw)(learning_rate=SCHEDULE))
+
+
+def make_pair(seed=0, tx=None, **model_kwargs):
+  model = make_model(seed, **model_kwargs)
+  return model, nnx.Optimizer(model, tx or make_tx(), wrt=nnx.Param)
+
+
+def fit(model, optimizer, loader, digits, **kwargs):
+  kwargs = {'epochs': EPOCHS, 'val_loader': val_loader(digits), 'progress': False, 'log_every': 3, **kwargs}
+  return ft.fit(model, optimizer, loader, **kwargs)
+
+
+class Wrapped:
+  """A DataLoader whose batch number ``at`` (counted over epochs from 0) misbehaves."""
+
+  def __init__(self, loader, at, poison=False):
+    self.loader, self.at, self.poison = loader, set(at), poison
+
+  def __len__(self):
+    return len(self.loader)
+
+  def __getattr__(self, name):  # seed, batch_size, ...: the wrapped loader's
+    return getattr(self.loader, name)
+
+  def epoch(self, epoch, start=0):
+    for index, batch in enumerate(self.loader.epoch(epoch, start), start=start):
+      if epoch * len(self) + index in self.at:
+        if not self.poison:
+          raise KeyboardInterrupt
+        batch = {**batch, 'image': np.full_like(batch['image'], np.nan)}
+      yield batch
+
+
+@pytest.fixture(scope='module')
+def reference(digits, tmp_path_factory):
+  """EPOCHS epochs in one uninterrupted call."""
+  directory = tmp_path_factory.mktemp('reference')
+  model, optimizer = make_pair()
+  history = fit(model, optimizer, train_loader(digits), digits, checkpoint_dir=directory)
+  return types.SimpleNamespace(
+      model=as_numpy(model), optimizer=as_numpy(optimizer), history=history.state_dict(),
+      directory=directory, epochs=history.epochs(),
+  )
+
+
+def assert_same_as_reference(model, optimizer, history, reference):
+  assert_trees_equal(as_numpy(model), reference.model)
+  assert_trees_equal(as_numpy(optimizer), reference.optimizer)
+  assert history.state_dict() == reference.history
+
+
+def test_reference_run_records_every_step_and_epoch(reference):
+  steps = ft.History.from_state_dict(reference.history).steps()
+  np.testing.assert_array_equal(steps['step'], np.arange(EPOCHS * STEPS_PER_EPOCH))  # from 0, as optax counts
+  assert {'loss', 'accuracy', 'grad_norm', 'learning_rate'} <= set(steps)
+  # The rate recorded at step i is the one update i used: schedule(i).
+  np.testing.assert_allclose(steps['learning_rate'], jax.vmap(SCHEDULE)(steps['step'].astype(np.int32)), rtol=1e-5, atol=1e-9)
+  epochs = reference.epochs
+  np.testing.assert_array_equal(epochs['step'], STEPS_PER_EPOCH * np.arange(1, EPOCHS + 1))
+  assert {'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy'} <= set(epochs)
+  # train_loss is the mean of the epoch's step losses.
+  np.testing.assert_allclose(epochs['train_loss'], steps['loss'].reshape(EPOCHS, -1).mean(axis=1), rtol=1e-12)
+  assert epochs['val_loss'][-1] < epochs['val_loss'][0]  # it learns
+  ax = ft.plot_history(ft.History.from_state_dict(reference.history), 'accuracy')
+  assert len(ax.get_lines()) == 3  # step, train epoch and val epoch curves
+
+
+def test_resuming_n_epochs_to_2n_is_bit_identical_to_2n_uninterrupted(digits, tmp_path, reference):
+  model, optimizer = make_pair(seed=0)
+  first = fit(model, optimizer, train_loader(digits), digits, epochs=EPOCHS // 2, checkpoint_dir=tmp_path)
+  assert len(first.epochs()['epoch']) == EPOCHS // 2
+  # A new process would build a new model and optimizer: different initial values on purpose.
+  model, optimizer = make_pair(seed=7)
+  history = fit(model, optimizer, train_loader(digits), digits, checkpoint_dir=tmp_path)
+  assert_same_as_reference(model, optimizer, history, reference)
+
+
+def test_keyboard_interrupt_returns_the_history_and_keeps_the_last_checkpoint(digits, tmp_path, reference):
+  model, optimizer = make_pair()
+  interrupted = Wrapped(train_loader(digits), at=[STEPS_PER_EPOCH + 2])  # epoch 2, third batch
+  history = fit(model, optimizer, interrupted, digits, checkpoint_dir=tmp_path)
+  np.testing.assert_array_equal(history.steps()['step'], np.arange(STEPS_PER_EPOCH + 2))
+  assert len(history.epochs()['epoch']) == 1
+
+  fresh, fresh_optimizer = make_pair(seed=5)
+  info = ft.restore_checkpoint(tmp_path, fresh, fresh_optimizer)
+  assert info.step == STEPS_PER_EPOCH and (info.metadata['epoch'], info.metadata['batch']) == (1, 0)
+  # Resuming with the plain loader ends exactly where the uninterrupted run did.
+  history = fit(fresh, fresh_optimizer, train_loader(digits), digits, checkpoint_dir=tmp_path)
+  assert_same_as_reference(fresh, fresh_optimizer, history, reference)
+
+
+def test_resuming_from_a_checkpoint_in_the_middle_of_an_epoch_is_exact(digits, tmp_path, reference):
+  model, optimizer = make_pair()
+  interrupted = Wrapped(train_loader(digits), at=[2 * STEPS_PER_EPOCH + 2])  # after 10 steps
+  fit(model, optimizer, interrupted, digits, checkpoint_dir=tmp_path, checkpoint_every=3)
+  info = ft.restore_checkpoint(tmp_path, make_model(seed=1))
+  assert info.step == 9 and (info.metadata['epoch'], info.metadata['batch']) == (2, 1)
+
+  model, optimizer = make_pair(seed=5)
+  history = fit(model, optimizer, train_loader(digits), digits, checkpoint_dir=tmp_path, checkpoint_every=3)
+  assert_same_as_reference(model, optimizer, history, reference)
+
+
+def test_a_crash_while_writing_a_checkpoint_resumes_from_the_last_good_one(digits, tmp_path, reference, monkeypatch):
+  finalize = atomicity.AtomicRenameTemporaryPath.finalize
+  crash_at = str(3 * STEPS_PER_EPOCH)
+
+  async def crash_at_step_12(self, *args, **kwargs):
+    if self.get_final().name == crash_at:  # step 12's files are written, never committed
+      raise OSError('simulated crash during the write')
+    return await finalize(self, *args, **kwargs)
+
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, 'finalize', crash_at_step_12)
+  model, optimizer = make_pair()
+  with pytest.raises(OSError, match='simulated crash'):
+    fit(model, optimizer, train_loader(digits), digits, checkpoint_dir=tmp_path)
+  monkeypatch.undo()
+  assert any('.orbax-checkpoint-tmp' in p.name for p in tmp_path.glob('*/*'))  # the partial write
+  assert ft.Checkpoints(tmp_path).step('latest') == 2 * STEPS_PER_EPOCH
+
+  model, optimizer = make_pair(seed=5)
+  history = fit(model, optimizer, train_loader(digits), digits, checkpoint_dir=tmp_path)
+  assert_same_as_reference(model, optimizer, history, reference)
+
+
+@pytest.mark.parametrize('log_every', [1, 100], ids=['log_every_step', 'log_at_epoch_end'])
+def test_a_non_finite_loss_names_the_step_and_the_last_good_checkpoint(digits, tmp_path, log_every):
+  model, optimizer = make_pair()
+  poisoned = Wrapped(train_loader(digits), at=[STEPS_PER_EPOCH + 1], poison=True)  # step 5
+  with pytest.raises(FloatingPointError) as raised:
+    fit(model, optimizer, poisoned, digits, checkpoint_dir=tmp_path, log_every=log_every)
+  last_good = tmp_path.resolve() / 'latest' / str(STEPS_PER_EPOCH)
+  message = str(raised.value)
+  # A NaN batch makes the gradients NaN; whether the compiled forward pass also makes the loss NaN
+  # depends on how XLA fused it, so either may be reported.
+  assert re.search(r'(loss was nan|gradients were not finite) at step 5 \(epoch 2, batch 2\)', message)
+  assert f'last good checkpoint is {last_good}' in message
+  assert raised.value.step == 5 and raised.value.checkpoint == last_good
+  assert ft.Checkpoints(tmp_path).step('latest') == STEPS_PER_EPOCH  # nothing after the bad step was saved
+  steps = raised.value.history.steps()
+  assert not (np.isfinite(steps['loss'][5]) and np.isfinite(steps['grad_norm'][5]))
+
+
+def test_a_non_finite_loss_without_checkpoints_says_so(digits):
+  model, optimizer = make_pair()
+  poisoned = Wrapped(train_loader(digits), at=[0], poison=True)
+  with pytest.raises(FloatingPointError, match=r'at step 0 .*No checkpoint was written \(checkpoint_dir=None\)'):
+    fit(model, optimizer, poisoned, digits, epochs=1)
+
+
+def test_gradients_that_are_not_finite_stop_the_run_even_when_the_loss_looks_finite(digits):
+  def loss_hiding_nans(model, batch):  # the outline's "fix": the loss looks finite, the gradients are NaN
+    loss, aux = ft.classification_loss(model, batch)
+    return jnp.nan_to_num(loss, nan=1e6, posinf=1e6, neginf=-1e6), aux
+
+  model, optimizer = make_pair()
+  poisoned = Wrapped(train_loader(digits), at=[2], poison=True)
+  with pytest.raises(FloatingPointError, match=r'gradients were not finite at step 2 \(epoch 1, batch 3\): '
+                     r'their norm was nan, although the loss was'):
+    fit(model, optimizer, poisoned, digits, loss_fn=loss_hiding_nans, epochs=1, log_every=100)
+
+
+def test_parameters_that_become_non_finite_stop_the_run(digits):
+  model, optimizer = make_pair(tx=optax.sgd(learning_rate=float('nan')))  # finite gradients, NaN updates
+  with pytest.raises(FloatingPointError, match=r'parameters became non-finite between step 0 .* and step 0, '
+                     r'although every loss and gradient norm was finite'):
+    fit(model, optimizer, train_loader(digits), digits, epochs=1, log_every=1)
+
+
+def test_apply_if_finite_skips_the_bad_step_and_training_goes_on(digits):
+  tx = optax.apply_if_finite(make_tx(), max_consecutive_errors=3)
+  model, optimizer = make_pair(tx=tx)
+  poisoned = Wrapped(train_loader(digits), at=[5], poison=True)
+  history = fit(model, optimizer, poisoned, digits)  # on_nonfinite=None: skips, as the optimizer does
+  steps = history.steps()
+  finite = np.isfinite(steps['loss']) & np.isfinite(steps['grad_norm'])
+  np.testing.assert_array_equal(steps['step'][~finite], [5])
+  assert int(optimizer.opt_state.total_notfinite[...]) == 1
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(as_numpy(model)))
+  assert np.isfinite(history.epochs()['train_loss']).all()  # epoch means leave the skipped step out
+
+  model, optimizer = make_pair(tx=tx)
+  with pytest.raises(FloatingPointError, match='at step 5'):  # an explicit 'raise' still raises
+    fit(model, optimizer, poisoned, digits, on_nonfinite='raise')
+
+
+def test_when_apply_if_finite_gives_up_the_run_stops(digits):
+  tx = optax.apply_if_finite(make_tx(), max_consecutive_errors=1)
+  model, optimizer = make_pair(tx=tx)
+  poisoned = Wrapped(train_loader(digits), at=[5, 6], poison=True)  # two bad steps in a row
+  with pytest.raises(FloatingPointError, match=r'parameters became non-finite.*first step with a non-finite loss or gradient was step 5'):
+    fit(model, optimizer, poisoned, digits, on_nonfinite='skip', log_every=1)
+
+
+def test_validation_runs_in_evaluation_mode(digits):
+  model, optimizer = make_pair(dropout_rate=0.5)
+  history = fit(model, optimizer, train_loader(digits), digits, epochs=1)
+  # Rebuild the network without Dropout, with the trained weights.
+  plain = make_model(dropout_rate=0.0)
+  nnx.update(plain, nnx.state(model, nnx.Param))
+  images, labels = digits[1]['image'], digits[1]['label']
+  want = optax.softmax_cross_entropy_with_integer_labels(plain(images), labels).mean()
+  np.testing.assert_allclose(history.epochs()['val_loss'][0], want, rtol=1e-5)
+  with_dropout = optax.softmax_cross_entropy_with_integer_labels(model(images), labels).mean()
+  assert abs(float(with_dropout) - float(want)) > 1e-3  # Dropout on would have given another loss
+
+
+@pytest.mark.parametrize('log_every, syncs', [(1, 8), (3, 4), (100, 2)])
+def test_metrics_come_off_the_device_once_per_logging_interval(digits, monkeypatch, log_every, syncs):
+  calls = []
+
+  def device_get(tree):
+    calls.append(1)
+    return jax.device_get(tree)
+
+  monkeypatch.setattr(flaxtrain.loop, 'jax', types.SimpleNamespace(**{**vars(jax), 'device_get': device_get}))
+  model, optimizer = make_pair()
+  history = fit(model, optimizer, train_loader(digits), digits, epochs=2, val_loader=None, log_every=log_every)
+  assert len(calls) == syncs  # 8 steps: at each multiple of log_every and at each epoch's end
+  np.testing.assert_array_equal(history.steps()['step'], np.arange(8))
+
+
+def test_progress_bar_shows_epoch_step_and_loss_and_can_be_turned_off(digits, capsys):
+  model, optimizer = make_pair()
+  fit(model, optimizer, train_loader(digits), digits, epochs=2, progress=True)
+  err = capsys.readouterr().err
+  assert 'epoch 2/2' in err and '8/8' in err and 'loss=' in err and 'val_acc=' in err
+  model, optimizer = make_pair()
+  fit(model, optimizer, train_loader(digits), digits, epochs=2, progress=False)
+  assert capsys.readouterr().err == ''
+
+
+def test_best_checkpoint_follows_best_metric_and_best_mode(digits, tmp_path, reference):
+  val_acc = reference.epochs['val_accuracy']
+  assert ft.Checkpoints(reference.directory).step('best') == reference.epochs['step'][np.argmax(val_acc)]
+  # The worst training loss (best_mode='max' on a falling loss) is the first epoch's.
+  model, optimizer = make_pair()
+  history = fit(model, optimizer, train_loader(digits), digits, epochs=3, checkpoint_dir=tmp_path,
+                best_metric='train_loss', best_mode='max')
+  assert np.argmax(history.epochs()['train_loss']) == 0
+  checkpoints = ft.Checkpoints(tmp_path)
+  assert (checkpoints.step('best'), checkpoints.step('latest')) == (STEPS_PER_EPOCH, 3 * STEPS_PER_EPOCH)
+
+
+def test_a_checkpoint_of_another_model_is_named_on_resume(digits, tmp_path, reference):
+  shutil.copytree(reference.directory, tmp_path, dirs_exist_ok=True)
+  model, optimizer = make_pair(hidden=(16,))
+  with pytest.raises(ValueError, match=r"model: 'hidden/0/(bias|kernel)' has shape"):
+    fit(model, optimizer, train_loader(digits), digits, epochs=EPOCHS + 1, checkpoint_dir=tmp_path)
+
+
+def test_a_corrupt_checkpoint_is_named_on_resume(digits, tmp_path, reference):
+  shutil.copytree(reference.directory, tmp_path, dirs_exist_ok=True)
+  step_dir = tmp_path / 'latest' / str(EPOCHS * STEPS_PER_EPOCH)
+  shutil.rmtree(step_dir / 'optimizer')
+  model, optimizer = make_pair()
+  with pytest.raises(ValueError, match=f'cannot read the checkpoint at {step_dir}'):
+    fit(model, optimizer, train_loader(digits), digits, epochs=EPOCHS + 1, checkpoint_dir=tmp_path)
+
+
+def test_resuming_with_another_data_order_is_refused(digits, tmp_path, reference):
+  shutil.copytree(reference.directory, tmp_path, dirs_exist_ok=True)
+  model, optimizer = make_pair()
+  with pytest.raises(ValueError, match='train_loader: differs from the one the checkpoint'):
+    fit(model, optimizer, train_loader(digits, batch_size=16), digits, epochs=EPOCHS + 1, checkpoint_dir=tmp_path)
+
+
+def test_resume_false_refuses_to_overwrite_a_checkpoint(digits, tmp_path, reference):
+  shutil.copytree(reference.directory, tmp_path, dirs_exist_ok=True)
+  model, optimizer = make_pair()
+  with pytest.raises(ValueError, match=r'checkpoint_dir: .* already holds a checkpoint .* resume=False'):
+    fit(model, optimizer, train_loader(digits), digits, checkpoint_dir=tmp_path, resume=False)
+
+
+def test_a_finished_run_resumes_to_nothing_and_returns_its_history(digits, reference, tmp_path):
+  shutil.copytree(reference.directory, tmp_path, dirs_exist_ok=True)
+  model, optimizer = make_pair(seed=3)
+  history = fit(model, optimizer, train_loader(digits), digits, checkpoint_dir=tmp_path)
+  assert_same_as_reference(model, optimizer, history, reference)
+
+
+@pytest.mark.parametrize('kwargs, error, message', [
+    ({'epochs': 0}, ValueError, 'epochs: expected a positive int'),
+    ({'log_every': 0}, ValueError, 'log_every: expected a positive int'),
+    ({'checkpoint_every': -2}, ValueError, 'checkpoint_every: expected a positive int'),
+    ({'best_mode': 'highest'}, ValueError, "best_mode: expected 'max' or 'min'"),
+    ({'on_nonfinite': 'ignore'}, ValueError, "on_nonfinite: expected None, 'raise' or 'skip'"),
+    ({'on_nonfinite': 'skip'}, ValueError, "on_nonfinite: 'skip' needs an optimizer"),
+    ({'loss_fn': 'cross_entropy'}, TypeError, 'loss_fn: expected a callable'),
+    ({'val_loader': iter([])}, TypeError, 'val_loader: expected something that can be iterated every epoch'),
+    ({'train_loader': [{'image': 0}]}, TypeError, 'train_loader: expected a flaxtrain.DataLoader'),
+    ({'optimizer': optax.adam(1e-3)}, TypeError, 'optimizer: expected an nnx.Optimizer'),
+    ({'best_metric': 'val_f1'}, ValueError, r"best_metric: expected one of the epoch metrics \[.*'val_accuracy'"),
+    ({'val_loader': None}, ValueError, 'best_metric: .*pass a val_loader'),
+], ids=lambda v: str(v)[:30] if isinstance(v, dict) else None)
+def test_bad_arguments_fail_before_any_training(digits, tmp_path, kwargs, error, message):
+  model, optimizer = make_pair()
+  before = as_numpy(model)
+  arguments = {'optimizer': optimizer, 'train_loader': train_loader(digits), 'checkpoint_dir': tmp_path / 'run',
+               'val_loader': val_loader(digits), 'progress': False, 'epochs': 1, **kwargs}
+  with pytest.raises(error, match=message):
+    ft.fit(model, arguments.pop('optimizer'), arguments.pop('train_loader'), **arguments)
+  assert_trees_equal(as_numpy(model), before)
+  assert not (tmp_path / 'run').exists()
