@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from flaxtrain import _checks
+
 __all__ = ['CheckpointInfo', 'Checkpoints', 'restore_checkpoint']
 
 _KINDS = ('latest', 'best')
@@ -175,8 +177,7 @@ class Checkpoints:
     Returns:
       The directory of the latest checkpoint. It is complete on return.
     """
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-      raise ValueError(f'step: expected an int >= 0, got {step!r}')
+    step = _checks.check_int('step', step, minimum=0)
     if not isinstance(optimizer, nnx.Optimizer):
       raise TypeError(f'optimizer: expected an nnx.Optimizer, got {type(optimizer).__name__}')
     args = ocp.args.Composite(

@@ -63,8 +63,7 @@ def load_digits(seed: int = 0, val_fraction: float = 0.2, test_fraction: float =
   from sklearn import datasets, model_selection  # imported lazily: slow to import
 
   for name, value in (('val_fraction', val_fraction), ('test_fraction', test_fraction)):
-    if not 0.0 < value < 1.0:
-      raise ValueError(f'{name}: expected a fraction in (0, 1), got {value!r}')
+    _checks.check_real(name, value, expected='a fraction in (0, 1)', valid=lambda v: 0.0 < v < 1.0)
   if val_fraction + test_fraction >= 1.0:
     raise ValueError(
         f'val_fraction + test_fraction: expected < 1 to leave training data, '

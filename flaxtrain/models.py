@@ -18,6 +18,10 @@ from flaxtrain import _checks
 __all__ = ['MLP', 'CNN']
 
 
+def _check_dropout_rate(rate: float) -> None:
+  _checks.check_real('dropout_rate', rate, expected='a value in [0, 1)', valid=lambda v: 0.0 <= v < 1.0)
+
+
 class MLP(nnx.Module):
   """Flattens its input, then Linear -> ReLU [-> Dropout] layers -> logits.
 
@@ -49,8 +53,7 @@ class MLP(nnx.Module):
     _checks.check_int('out_features', out_features)
     for width in hidden:
       _checks.check_int('hidden', width)
-    if not 0.0 <= dropout_rate < 1.0:
-      raise ValueError(f'dropout_rate: expected a value in [0, 1), got {dropout_rate!r}')
+    _check_dropout_rate(dropout_rate)
     self.in_features = in_features
     widths = [in_features, *hidden]
     self.hidden = nnx.List([
@@ -110,8 +113,7 @@ class CNN(nnx.Module):
     height, width, channels = input_shape
     if height < 2 or width < 2:
       raise ValueError(f'input_shape: expected height and width of at least 2, got {input_shape}')
-    if not 0.0 <= dropout_rate < 1.0:
-      raise ValueError(f'dropout_rate: expected a value in [0, 1), got {dropout_rate!r}')
+    _check_dropout_rate(dropout_rate)
     self.input_shape = tuple(input_shape)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.conv1 = nnx.Conv(channels, features[0], (3, 3), padding='SAME', **kw)
