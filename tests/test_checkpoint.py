@@ -5,7 +5,6 @@ import pathlib
 import re
 import shutil
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
