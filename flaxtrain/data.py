@@ -90,6 +90,23 @@ def load_digits(seed: int = 0, val_fraction: float = 0.2, test_fraction: float =
   )
 
 
+def _as_column(name: str, value: object) -> np.ndarray:
+  """``value`` as an array with a leading example axis; errors name the key, not the values."""
+  if isinstance(value, (str, bytes)):
+    raise TypeError(f'data[{name!r}]: expected an array with one row per example, got a string')
+  try:
+    array = np.asarray(value)
+  except ValueError as error:  # NumPy >= 1.24 refuses ragged nested lists
+    raise ValueError(f'data[{name!r}]: expected rows of equal shape, got a ragged sequence') from error
+  if array.dtype == object:
+    raise ValueError(f'data[{name!r}]: expected rows of equal shape and a numeric dtype, got a ragged or object array')
+  if array.ndim == 0:
+    raise ValueError(f'data[{name!r}]: expected an array with one row per example, got a scalar ({array.dtype})')
+  if not (np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.bool_)):
+    raise TypeError(f'data[{name!r}]: expected a numeric or bool array, got dtype {array.dtype}')
+  return array
+
+
 class DataLoader:
   """Seeded mini-batches over a dict of equally long arrays.
 
@@ -118,24 +135,60 @@ class DataLoader:
       seed: int = 0,
       remainder: Literal['drop', 'pad'] = 'drop',
   ):
+    """Checks ``data`` and the options; nothing is copied to a device.
+
+    Args:
+      data: a dict of equally long arrays, one row per example, e.g.
+        ``{'image': x, 'label': y}`` (the keys the loss reads:
+        :func:`flaxtrain.classification_loss` reads ``'image'`` and integer
+        ``'label'``). Lists are converted with ``np.asarray``; every value
+        must have a leading example axis and a numeric or bool dtype.
+      batch_size: rows per batch, a positive int. With ``remainder='drop'``
+        at most the number of examples; with ``'pad'`` any size (a batch
+        larger than the data is one padded batch).
+      shuffle: a new order each epoch, fixed by ``(seed, epoch)``; False
+        keeps the data's order (what evaluation wants).
+      seed: the seed of the shuffling.
+      remainder: ``'drop'`` drops the last incomplete batch (training);
+        ``'pad'`` pads it by repeating an example and adds ``mask`` to every
+        batch (1 = real, 0 = padding), so every example is seen exactly once
+        (evaluation: pass it to the loss and metrics, as
+        :func:`flaxtrain.classification_loss` does).
+
+    Raises:
+      TypeError: ``data`` is not a dict (e.g. a tuple ``(x, y)``), or a value
+        is a string or not numeric.
+      ValueError: no examples, arrays of different lengths, a scalar or
+        ragged value, or a bad ``batch_size``, ``remainder`` or ``seed``.
+    """
+    if isinstance(data, (tuple, list)):
+      raise TypeError(
+          f"data: expected a dict of arrays such as {{'image': x, 'label': y}}, got a "
+          f"{type(data).__name__} of {len(data)}; pass DataLoader({{'image': x, 'label': y}}, ...)"
+      )
     if not isinstance(data, Mapping) or not data:
       raise ValueError(f'data: expected a non-empty dict of arrays, got {type(data).__name__} {data!r:.60}')
-    lengths = {name: len(array) for name, array in data.items()}
+    self.data = {name: _as_column(name, value) for name, value in data.items()}
+    lengths = {name: len(array) for name, array in self.data.items()}
     if len(set(lengths.values())) != 1:
       raise ValueError(f'data: expected arrays of equal length, got lengths {lengths}')
     _checks.check_int('batch_size', batch_size)
+    _checks.check_int('seed', seed, minimum=0)
     if remainder not in ('drop', 'pad'):
       raise ValueError(f"remainder: expected 'drop' or 'pad', got {remainder!r}")
+    if not isinstance(shuffle, (bool, np.bool_)):
+      raise ValueError(f'shuffle: expected True or False, got {shuffle!r}')
     self._size = next(iter(lengths.values()))
     if self._size == 0:
       raise ValueError('data: expected at least one example, got an empty split')
-    if batch_size > self._size:
+    if batch_size > self._size and remainder == 'drop':
       raise ValueError(
-          f'batch_size: expected at most the number of examples ({self._size}), got {batch_size}'
+          f'batch_size: expected at most the number of examples ({self._size}) with '
+          f"remainder='drop', which would give no batch at all; got {batch_size} (use remainder='pad' "
+          'for one padded batch)'
       )
-    self.data = {name: np.asarray(array) for name, array in data.items()}
     self.batch_size = batch_size
-    self.shuffle = shuffle
+    self.shuffle = bool(shuffle)
     self.seed = seed
     self.remainder = remainder
     self.next_epoch = 0

@@ -10,16 +10,40 @@ gives.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from collections.abc import Mapping
+import numbers
+import os
+import pathlib
+import uuid
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from flaxtrain import _checks
 
-__all__ = ['History']
+__all__ = ['History']  # HistoryLog is used by fit() and not exported
+
+
+def _check_metrics(name: str, metrics: Any, reserved: tuple[str, ...]) -> None:
+  """Raises unless ``metrics`` is a dict of scalar numbers keyed by strings (no device sync)."""
+  if not isinstance(metrics, Mapping):
+    raise TypeError(f'{name}: expected a dict of scalars, got {type(metrics).__name__}')
+  for key, value in metrics.items():
+    if not isinstance(key, str) or key in reserved:
+      raise ValueError(f'{name}: expected metric names that are strings other than {reserved}, got {key!r}')
+    dtype = getattr(value, 'dtype', None)
+    if dtype is not None:
+      ok = np.ndim(value) == 0 and (jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_))
+    else:
+      ok = isinstance(value, numbers.Real)
+    if not ok:
+      shown = f'shape {np.shape(value)}' if dtype is not None and np.ndim(value) else f'{value!r:.40}'
+      raise ValueError(f'{name}: expected a scalar number for {key!r}, got {type(value).__name__} {shown}')
 
 
 def _columns(rows: list[dict[str, float]], index: str) -> dict[str, np.ndarray]:
@@ -57,12 +81,30 @@ class History:
     self._epoch_rows: list[dict[str, float]] = []
 
   def record_step(self, step: int, metrics: Mapping[str, Any]) -> None:
-    """Records ``metrics`` (device arrays are fine) for ``step``; no sync."""
-    if not isinstance(metrics, Mapping):
-      raise TypeError(f'metrics: expected a dict of scalars, got {type(metrics).__name__}')
-    self._pending.append((int(step), dict(metrics)))
+    """Records ``metrics`` (device arrays are fine) for ``step``; no sync.
+
+    Args:
+      step: an int >= 0, larger than the previously recorded step.
+      metrics: a dict of scalar numbers (Python, NumPy or JAX scalars); only
+        their shapes and dtypes are checked here, so nothing waits for the device.
+
+    Raises:
+      ValueError: for a negative or non-increasing step, a metric that is not
+        a scalar number, or a metric name that is not a string.
+    """
+    step = _checks.check_int('step', step, minimum=0)
+    last = self._last_step()
+    if last is not None and step <= last:
+      raise ValueError(f'step: expected a step after the last recorded one ({last}), got {step}')
+    _check_metrics('metrics', metrics, reserved=('step',))
+    self._pending.append((step, dict(metrics)))
     if len(self._pending) >= self.flush_every:
       self.flush()
+
+  def _last_step(self) -> int | None:
+    if self._pending:
+      return self._pending[-1][0]
+    return int(self._step_rows[-1]['step']) if self._step_rows else None
 
   def flush(self) -> None:
     """Brings pending step metrics to the host in one transfer."""
@@ -75,6 +117,9 @@ class History:
 
   def record_epoch(self, epoch: int, metrics: Mapping[str, Any], *, step: int) -> None:
     """Records end-of-epoch ``metrics`` (host or device scalars) at ``step``."""
+    _checks.check_int('epoch', epoch, minimum=0)
+    _checks.check_int('step', step, minimum=0)
+    _check_metrics('metrics', metrics, reserved=('epoch', 'step'))
     values = jax.device_get(dict(metrics))
     self._epoch_rows.append(
         {'epoch': float(epoch), 'step': float(step), **{k: float(v) for k, v in values.items()}}
@@ -98,6 +143,15 @@ class History:
     self.flush()
     return {'steps': [dict(r) for r in self._step_rows], 'epochs': [dict(r) for r in self._epoch_rows]}
 
+  def rows_since(self, steps: int, epochs: int) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    """The step rows after the first ``steps`` and the epoch rows after the first ``epochs``.
+
+    What :class:`HistoryLog` appends at each checkpoint: its cost grows with
+    the rows recorded since the last one, not with the whole history.
+    """
+    self.flush()
+    return self._step_rows[steps:], self._epoch_rows[epochs:]
+
   @classmethod
   def from_state_dict(cls, state: Mapping[str, Any], flush_every: int = 100) -> 'History':
     """Rebuilds a History from :meth:`state_dict` output."""
@@ -107,3 +161,82 @@ class History:
     history._step_rows = [{k: float(v) for k, v in r.items()} for r in state['steps']]
     history._epoch_rows = [{k: float(v) for k, v in r.items()} for r in state['epochs']]
     return history
+
+
+class HistoryLog:
+  """A :class:`History` kept on disk as append-only JSON-lines files.
+
+  Each save appends only the rows recorded since the previous one, so its
+  cost does not grow with the length of the run (rewriting the whole history
+  as JSON at each checkpoint would). A checkpoint refers to the history by
+  its *segments*: ``{'file', 'bytes', 'sha256'}`` for each file, the number
+  of bytes that belong to it and their checksum. Files are never rewritten:
+  a resumed run appends to a new file of its own, and bytes past a segment's
+  end (written after the checkpoint that is resumed) are ignored.
+
+  Args:
+    directory: where the ``.jsonl`` files live.
+    segments: the segments of the run being resumed (from :meth:`write`).
+    history: the History those segments hold (from :meth:`read`); its rows
+      are not written again.
+  """
+
+  def __init__(self, directory: str | os.PathLike[str], segments: Sequence[Mapping[str, Any]] = (),
+               history: History | None = None):
+    self.directory = pathlib.Path(directory)
+    self.segments = [dict(segment) for segment in segments]
+    self._written = (len(history._step_rows), len(history._epoch_rows)) if history is not None else (0, 0)
+    self._file = None
+    self._name = ''
+    self._bytes = 0
+    self._hash = hashlib.sha256()
+
+  def write(self, history: History) -> list[dict[str, Any]]:
+    """Appends the rows of ``history`` not yet written; returns the segments that hold it all."""
+    steps, epochs = history.rows_since(*self._written)
+    data = ''.join(json.dumps(['s', row]) + '\n' for row in steps)
+    data += ''.join(json.dumps(['e', row]) + '\n' for row in epochs)
+    if self._file is None:
+      self.directory.mkdir(parents=True, exist_ok=True)
+      self._name = f'{uuid.uuid4().hex}.jsonl'
+      self._file = open(self.directory / self._name, 'xb')  # pylint: disable=consider-using-with
+    if data:
+      encoded = data.encode()
+      self._file.write(encoded)
+      self._file.flush()
+      os.fsync(self._file.fileno())
+      self._hash.update(encoded)
+      self._bytes += len(encoded)
+    self._written = (self._written[0] + len(steps), self._written[1] + len(epochs))
+    return self.segments + [{'file': self._name, 'bytes': self._bytes, 'sha256': self._hash.hexdigest()}]
+
+  @staticmethod
+  def read(directory: str | os.PathLike[str], segments: Sequence[Mapping[str, Any]]) -> History:
+    """Rebuilds the History that ``segments`` describe, verifying each one's checksum.
+
+    Raises:
+      ValueError: a file is missing, shorter than its segment, or its bytes
+        do not match the recorded checksum (the message names the file).
+    """
+    steps, epochs = [], []
+    for segment in segments:
+      path = pathlib.Path(directory) / segment['file']
+      try:
+        with open(path, 'rb') as file:
+          data = file.read(segment['bytes'])
+      except OSError as error:
+        raise ValueError(f'history: cannot read {path} ({error})') from error
+      if len(data) != segment['bytes'] or hashlib.sha256(data).hexdigest() != segment['sha256']:
+        raise ValueError(
+            f'history: {path} does not hold the {segment["bytes"]} bytes recorded with the checkpoint '
+            '(it is truncated or corrupt: its SHA-256 checksum differs)'
+        )
+      for line in data.decode().splitlines():
+        kind, row = json.loads(line)
+        (steps if kind == 's' else epochs).append(row)
+    return History.from_state_dict({'steps': steps, 'epochs': epochs})
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+      self._file = None

@@ -8,6 +8,9 @@ a last batch, for example).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, Protocol
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -16,12 +19,45 @@ from flax import nnx
 from flaxtrain import _checks
 
 __all__ = [
+    'LossFn',
     'softmax_cross_entropy',
     'softmax_cross_entropy_with_integer_labels',
     'mean_squared_error',
     'l2_penalty',
     'masked_mean',
 ]
+
+
+class LossFn(Protocol):
+  """What :func:`flaxtrain.fit` and the step factories call: ``loss_fn(model, batch) -> (loss, aux)``.
+
+  Write it as a plain function; this class only documents the contract.
+
+  Args:
+    model: the ``nnx.Module`` being trained (in evaluation mode when
+      validating: Dropout off, BatchNorm on its running averages).
+    batch: a dict of arrays with one row per example, as a
+      :class:`flaxtrain.DataLoader` yields it (e.g. ``'image'`` and
+      ``'label'``). Padded evaluation batches also carry ``'mask'``
+      (1 = real example, 0 = padding): the loss and every metric must weight
+      examples by it, e.g. with :func:`masked_mean`, or validation counts the
+      padding (``fit`` checks this before training).
+
+  Returns:
+    ``(loss, aux)``: ``loss`` a scalar (the mean over the batch's real
+    examples), ``aux`` a dict of scalar metrics computed in the same forward
+    pass (``{}`` if none), e.g. ``{'accuracy': ...}``.
+
+  Example:
+    >>> def loss_fn(model, batch):
+    ...   logits = model(batch['image'])
+    ...   mask = batch.get('mask')
+    ...   loss = softmax_cross_entropy_with_integer_labels(logits, batch['label'], mask)
+    ...   return loss, {}
+  """
+
+  def __call__(self, model: nnx.Module, batch: Mapping[str, Any]) -> tuple[jax.Array, Mapping[str, jax.Array]]:
+    ...
 
 
 def masked_mean(values: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -77,8 +113,12 @@ def softmax_cross_entropy_with_integer_labels(
 ) -> jax.Array:
   """Mean cross-entropy between ``logits`` and integer class ``labels``.
 
-  Labels outside ``[0, num_classes)`` cannot be detected inside ``jax.jit``;
-  optax returns a meaningless value for them, so check labels on the host.
+  A label outside ``[0, num_classes)`` (``-1`` included) makes the loss NaN,
+  also under ``jax.jit``, where it cannot raise: optax alone would return a
+  finite, meaningless value. :func:`flaxtrain.fit` stops on a NaN loss and
+  names the step, and checks a DataLoader's labels on the host before
+  training. Examples whose ``mask`` is 0 may hold any label (e.g. -1 as
+  "ignore").
 
   Args:
     logits: unnormalised scores, shape ``(batch, num_classes)``, float.
@@ -98,6 +138,11 @@ def softmax_cross_entropy_with_integer_labels(
       'labels', labels, jnp.shape(logits)[:-1], 'logits.shape without the class axis'
   )
   per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  valid = (labels >= 0) & (labels < jnp.shape(logits)[-1])
+  per_example = jnp.where(valid, per_example, jnp.nan)
+  if mask is not None:
+    _checks.check_shape('mask', mask, per_example.shape, 'one weight per example')
+    per_example = jnp.where(mask != 0, per_example, 0.0)  # masked-out rows may hold any label
   return masked_mean(per_example, mask)
 
 
@@ -130,8 +175,8 @@ def mean_squared_error(
   return masked_mean(per_example, mask)
 
 
-def l2_penalty(model: nnx.Module) -> jax.Array:
-  """Sum of squares of every ``nnx.Param`` in ``model``.
+def l2_penalty(model: nnx.Module | Any) -> jax.Array:
+  """Sum of squares of every ``nnx.Param`` in ``model`` (or of every array in a pytree).
 
   Only trainable parameters count: BatchNorm statistics, RNG counters and keys
   are state, not weights, and squaring a PRNG key raises. Multiply by your
@@ -139,14 +184,31 @@ def l2_penalty(model: nnx.Module) -> jax.Array:
   decay (``optax.adamw``), which notebook 03 compares with this.
 
   Args:
-    model: an NNX module.
+    model: an NNX module; or a pytree of floating-point arrays (a dict of
+      parameters, an ``nnx.State``), every array of which counts.
 
   Returns:
-    A float32 scalar (0.0 for a model without parameters).
+    A float32 scalar (0.0 for a module without parameters).
+
+  Raises:
+    TypeError: for a pytree that holds no arrays, or an array that is not
+      floating-point (the message names its path).
 
   Example:
     >>> model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
     >>> penalty = l2_penalty(model)
   """
-  params = jax.tree.leaves(nnx.state(model, nnx.Param))
+  if isinstance(model, nnx.Module):
+    params = jax.tree.leaves(nnx.state(model, nnx.Param))
+  else:
+    flat = jax.tree_util.tree_flatten_with_path(model)[0]
+    if not flat:
+      raise TypeError(f'model: expected an nnx.Module or a pytree of float arrays, got {type(model).__name__} with no arrays')
+    for path, leaf in flat:
+      if not (hasattr(leaf, 'dtype') and jnp.issubdtype(leaf.dtype, jnp.floating)):
+        raise TypeError(
+            f'model: expected float arrays in the pytree, got {type(leaf).__name__} '
+            f'{getattr(leaf, "dtype", "")} at {jax.tree_util.keystr(path)}'
+        )
+    params = [leaf for _, leaf in flat]
   return sum((jnp.sum(jnp.square(p.astype(jnp.float32))) for p in params), jnp.float32(0.0))

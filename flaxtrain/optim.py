@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 
 from flaxtrain import _checks
@@ -39,6 +40,22 @@ def _check_positive(name: str, value: Any) -> None:
 
 def _check_unit_interval(name: str, value: Any) -> None:
   _checks.check_real(name, value, expected='a number in [0, 1)', valid=lambda v: 0.0 <= v < 1.0)
+
+
+def _check_schedule(schedule: Callable[[jax.Array], jax.Array]) -> None:
+  """Evaluates a learning-rate schedule at step 0 on the host: it must give a finite scalar >= 0.
+
+  A NaN rate would otherwise reach the parameters on the first update, with
+  every loss and gradient still finite.
+  """
+  try:
+    value = np.asarray(schedule(np.int32(0)))
+  except Exception as error:  # a schedule is arbitrary user code
+    raise ValueError(f'learning_rate: calling the schedule at step 0 failed ({type(error).__name__}: {error})') from error
+  if value.shape != () or not np.issubdtype(value.dtype, np.number):
+    raise ValueError(f'learning_rate: expected the schedule to return a scalar rate, got {value.dtype} shape {value.shape} at step 0')
+  if not np.isfinite(value) or value < 0:
+    raise ValueError(f'learning_rate: expected the schedule to give a finite rate >= 0, got {value} at step 0')
 
 
 def _check_arguments(
@@ -60,6 +77,8 @@ def _check_arguments(
         'learning_rate', learning_rate,
         expected='a finite number > 0 or an optax schedule (step -> rate)', valid=lambda v: v > 0,
     )
+  else:
+    _check_schedule(learning_rate)
   _checks.check_real('weight_decay', weight_decay, expected='a finite number >= 0', valid=lambda v: v >= 0)
   if name == 'adam' and weight_decay > 0:
     raise ValueError(
@@ -136,7 +155,8 @@ def make_optimizer(
 
   Args:
     name: ``'sgd'``, ``'adam'`` or ``'adamw'``.
-    learning_rate: a number > 0, or an optax schedule ``step -> rate``.
+    learning_rate: a number > 0, or an optax schedule ``step -> rate``
+      (evaluated once at step 0 here: it must give a finite rate >= 0).
     weight_decay: >= 0. For ``'sgd'`` and ``'adamw'``; ``'adam'`` refuses it
       (use ``'adamw'``).
     momentum: ``'sgd'`` only: the momentum decay in [0, 1); None is plain SGD.

@@ -45,8 +45,14 @@ def plot_history(
     The axes.
 
   Raises:
+    TypeError: if ``history`` is not a History (a dict such as
+      ``history.steps()`` or ``state_dict()`` is refused, naming the fix).
     ValueError: if nothing named ``metric`` was recorded.
   """
+  if not isinstance(history, History):
+    fix = (' (it looks like History.steps(), epochs() or state_dict(); pass the History itself, or '
+           'History.from_state_dict(state) for a state_dict)') if isinstance(history, dict) else ''
+    raise TypeError(f'history: expected a flaxtrain.History, got {type(history).__name__}{fix}')
   steps, epochs = history.steps(), history.epochs()
   series = []
   if metric in steps:
@@ -99,7 +105,8 @@ def plot_schedule(
   Raises:
     TypeError: if ``schedule`` is not callable.
     ValueError: if ``num_steps`` is not a positive int, or ``schedule``
-      does not return one scalar per step.
+      does not return one finite scalar per step (the message names the
+      first step with a NaN or infinite rate).
 
   Example:
     >>> ax = plot_schedule(optax.cosine_decay_schedule(1e-3, 100), 100, label='cosine')
@@ -112,6 +119,12 @@ def plot_schedule(
   if values.shape != (num_steps,):
     raise ValueError(
         f'schedule: expected a scalar learning rate for each step, got shape {values.shape[1:]} per step'
+    )
+  bad = np.flatnonzero(~np.isfinite(values))
+  if bad.size:
+    raise ValueError(
+        f'schedule: expected a finite learning rate at every step, got {values[bad[0]]} at step '
+        f'{bad[0]} ({bad.size} of {num_steps} steps are NaN or infinite)'
     )
   ax = _axes(ax)
   ax.plot(steps, values, label=label, **plot_kwargs)

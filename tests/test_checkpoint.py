@@ -80,17 +80,18 @@ def test_restoring_the_model_alone_leaves_the_optimizer_out(tmp_path):
   assert_trees_equal(as_numpy(fresh), as_numpy(model))
 
 
-def test_latest_and_best_are_kept_and_nothing_else(tmp_path):
+@pytest.mark.parametrize('keep', [1, 2])
+def test_the_last_keep_latest_and_the_best_are_kept_and_nothing_else(tmp_path, keep):
   model = make_mlp()
   optimizer = make_optimizer(model)
   kernels = {}
-  with ft.Checkpoints(tmp_path) as checkpoints:
+  with ft.Checkpoints(tmp_path, keep=keep) as checkpoints:
     for step, best in [(1, True), (2, False), (3, True), (4, False)]:
       train(model, optimizer, steps=1, first_seed=step)
       kernels[step] = as_numpy(model)['out']['kernel']
       checkpoints.save(step, model, optimizer, best=best)
     assert checkpoints.step('latest') == 4 and checkpoints.step('best') == 3
-  assert sorted(os.listdir(tmp_path / 'latest')) == ['4']
+  assert sorted(os.listdir(tmp_path / 'latest')) == ['4', '3'][:keep][::-1]
   assert sorted(os.listdir(tmp_path / 'best')) == ['3']
   for which, step in [('latest', 4), ('best', 3)]:
     fresh = make_mlp(seed=9)
@@ -188,15 +189,17 @@ def test_a_crash_before_the_commit_leaves_the_last_good_checkpoint(tmp_path, mon
   with pytest.raises(OSError, match='simulated crash'):
     checkpoints.save(2, model, optimizer)
   monkeypatch.undo()
+  checkpoints.close()  # the writer is gone, as after a crash: its lock with it
 
   leftovers = [p.name for p in (tmp_path / 'latest').iterdir() if p.name != '1']
   assert leftovers and all('.orbax-checkpoint-tmp' in name for name in leftovers)
-  reopened = ft.Checkpoints(tmp_path)
+  reopened = ft.Checkpoints(tmp_path, keep=1)
   assert reopened.step('latest') == 1
   fresh = make_mlp(seed=4)
   reopened.restore(fresh)
   assert_trees_equal(as_numpy(fresh), good)
-  reopened.save(2, model, optimizer)  # the next save succeeds, and replaces step 1 only now
+  reopened.adopt()  # as fit does when it resumes: step 1 is this run's to rotate
+  reopened.save(2, model, optimizer)  # the next save succeeds, and removes step 1 (keep=1) only now
   reopened.close()
   assert sorted(os.listdir(tmp_path / 'latest')) == ['2']
 
@@ -222,9 +225,197 @@ def test_checkpoint_files_hold_no_pickle(tmp_path):
     (lambda c, m, o: c.step('first'), ValueError, "which: expected 'latest' or 'best'"),
     (lambda c, m, o: c.restore('model'), TypeError, 'model: expected an nnx.Module'),
     (lambda c, m, o: ft.Checkpoints(3), TypeError, 'directory: expected a path'),
-], ids=['negative_step', 'float_step', 'not_an_optimizer', 'bad_which', 'not_a_model', 'bad_directory'])
+    (lambda c, m, o: ft.Checkpoints(c.directory, keep=0), ValueError, 'keep: expected a positive int, got 0'),
+    (lambda c, m, o: c.save(1, m, o, metadata={'f': print}), TypeError, 'metadata: expected a JSON-serialisable dict'),
+], ids=['negative_step', 'float_step', 'not_an_optimizer', 'bad_which', 'not_a_model', 'bad_directory', 'keep_0',
+        'metadata_not_json'])
 def test_bad_arguments_are_named(tmp_path, call, error, message):
   model = make_mlp()
   with pytest.raises(error, match=message):
     call(ft.Checkpoints(tmp_path), model, make_optimizer(model))
   assert not (tmp_path / 'latest').exists()
+
+
+# Integrity: checksums, fallback, nothing deleted that this writer did not write --------------------
+
+
+def _largest_model_file(step_dir):
+  files = [p for p in (step_dir / 'model').rglob('*') if p.is_file()]
+  return max(files, key=lambda p: p.stat().st_size)
+
+
+def test_every_bit_flip_in_the_array_data_is_detected_or_harmless(tmp_path):
+  model = make_mlp()
+  optimizer = make_optimizer(model)
+  train(model, optimizer, steps=1)
+  ft.Checkpoints(tmp_path).save(1, model, optimizer)
+  saved = as_numpy(model)
+  data = _largest_model_file(tmp_path / 'latest' / '1')
+  raw = data.read_bytes()
+  named = 0
+  for bit in np.linspace(0, 8 * len(raw) - 1, 12).astype(int):
+    flipped = bytearray(raw)
+    flipped[bit // 8] ^= 1 << (bit % 8)
+    data.write_bytes(bytes(flipped))
+    fresh = make_mlp(seed=4)
+    try:
+      ft.restore_checkpoint(tmp_path, fresh)
+    except ValueError as error:
+      named += bool(re.search(r"array model/\S+ does not match the SHA-256 checksum", str(error)))
+      assert f'step 1: ' in str(error) and error.__cause__ is not None
+    else:  # the flip hit bytes no array is read from: every value must be exactly as saved
+      assert_trees_equal(as_numpy(fresh), saved)
+  data.write_bytes(raw)
+  assert named >= 6  # most flips land in array bytes and are named by the checksum
+
+
+def test_restore_skips_a_corrupt_newest_checkpoint_and_says_why(tmp_path):
+  model = make_mlp()
+  optimizer = make_optimizer(model)
+  with ft.Checkpoints(tmp_path, keep=3) as checkpoints:
+    for step in (1, 2, 3):
+      train(model, optimizer, steps=1, first_seed=step)
+      if step == 2:
+        at_2 = as_numpy(model)
+      checkpoints.save(step, model, optimizer)
+  data = _largest_model_file(tmp_path / 'latest' / '3')
+  raw = bytearray(data.read_bytes())
+  raw[len(raw) // 2] ^= 0x10
+  data.write_bytes(bytes(raw))
+  shutil.rmtree(tmp_path / 'latest' / '2' / 'optimizer')  # step 2 lacks its optimizer: model alone is fine
+
+  fresh = make_mlp(seed=4)
+  info = ft.restore_checkpoint(tmp_path, fresh)
+  assert info.step == 2 and [step for step, _ in info.skipped] == [3]
+  assert re.search(r'latest/3 is corrupt: array model/\S+ does not match', info.skipped[0][1])
+  assert_trees_equal(as_numpy(fresh), at_2)
+  assert sorted(os.listdir(tmp_path / 'latest')) == ['1', '2', '3']  # a reader changes nothing
+
+  fresh_optimizer = make_optimizer(fresh)
+  info = ft.restore_checkpoint(tmp_path, fresh, fresh_optimizer)  # step 2 cannot give an optimizer now
+  assert info.step == 1 and [step for step, _ in info.skipped] == [3, 2]
+  assert 'cannot read the checkpoint at' in info.skipped[1][1]
+
+
+def test_when_no_checkpoint_verifies_every_reason_is_given(tmp_path):
+  model = make_mlp()
+  with ft.Checkpoints(tmp_path, keep=2) as checkpoints:
+    checkpoints.save(1, model, make_optimizer(model))
+    checkpoints.save(2, model, make_optimizer(model))
+  for step in ('1', '2'):
+    _break_metadata_json(tmp_path / 'latest' / step)
+  with pytest.raises(ValueError, match=r"no 'latest' checkpoint in .* can be used \(step 2: .*; step 1: ") as caught:
+    ft.restore_checkpoint(tmp_path, make_mlp())
+  assert caught.value.__cause__ is not None
+
+
+def test_hand_edited_metadata_fails_its_checksum(tmp_path):
+  model = make_mlp()
+  ft.Checkpoints(tmp_path).save(4, model, make_optimizer(model), metadata={'epoch': 1, 'batch': 0})
+  path = tmp_path / 'latest' / '4' / 'metadata' / 'metadata'
+  path.write_text(path.read_text().replace('"epoch": 1', '"epoch": 2'))
+  with pytest.raises(ValueError, match='its metadata does not match the checksum'):
+    ft.restore_checkpoint(tmp_path, make_mlp())
+
+
+def test_a_writer_deletes_only_checkpoints_it_wrote_or_adopted(tmp_path):
+  model = make_mlp()
+  optimizer = make_optimizer(model)
+  with ft.Checkpoints(tmp_path, keep=1) as first:
+    first.save(1, model, optimizer, best=True)
+    first.save(2, model, optimizer)
+  with ft.Checkpoints(tmp_path, keep=1) as second:
+    second.save(3, model, optimizer, best=True)
+    assert second.steps('latest') == [2, 3] and second.steps('best') == [1, 3]  # not its own: kept
+    with pytest.raises(ft.CheckpointError, match=r'latest/3 already exists; a checkpoint is never overwritten'):
+      second.save(3, model, optimizer)
+  with ft.Checkpoints(tmp_path, keep=1) as third:
+    third.adopt()
+    third.save(4, model, optimizer, best=True)
+    assert third.steps('latest') == [4] and third.steps('best') == [4]
+
+
+def test_checkpoint_info_repr_is_short(tmp_path):
+  model = make_mlp()
+  ft.Checkpoints(tmp_path).save(1, model, make_optimizer(model), metadata={'curve': list(range(20_000))})
+  info = ft.restore_checkpoint(tmp_path, make_mlp())
+  assert len(info.metadata['curve']) == 20_000
+  assert len(repr(info)) < 200 and 'step=1' in repr(info) and 'curve' in repr(info)
+
+
+def test_an_unwritable_directory_is_reported_before_anything_is_written(tmp_path, monkeypatch):
+  model = make_mlp()
+
+  def refuse(*args, **kwargs):
+    raise PermissionError(13, 'Permission denied')
+
+  monkeypatch.setattr(ft.checkpoint.tempfile, 'mkstemp', refuse)  # as a read-only directory would
+  checkpoints = ft.Checkpoints(tmp_path / 'run')
+  with pytest.raises(ft.CheckpointError, match=r'cannot write to .*run \(PermissionError') as caught:
+    checkpoints.save(1, model, make_optimizer(model))
+  assert isinstance(caught.value.__cause__, PermissionError)
+  assert not checkpoints.writing and not list((tmp_path / 'run').glob('*/*'))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason='root writes into read-only directories')
+def test_a_read_only_directory_is_reported(tmp_path):
+  (tmp_path / 'run').mkdir()
+  (tmp_path / 'run').chmod(0o555)
+  model = make_mlp()
+  with pytest.raises(ft.CheckpointError, match='cannot write to'):
+    ft.Checkpoints(tmp_path / 'run').save(1, model, make_optimizer(model))
+
+
+# One writer per directory, with real processes -------------------------------------------------------
+
+HOLDER = '''
+import sys, time
+import flaxtrain as ft
+checkpoints = ft.Checkpoints(sys.argv[1])
+checkpoints.acquire()
+print('locked', flush=True)
+time.sleep(120)
+'''
+
+
+def start_lock_holder(directory):
+  """A separate Python process that takes the writer lock of ``directory`` and sleeps."""
+  import subprocess
+  import sys
+  holder = subprocess.Popen([sys.executable, '-c', HOLDER, str(directory)], stdout=subprocess.PIPE, text=True)
+  line = holder.stdout.readline()  # blocks until the lock is held (or the process died)
+  assert line.strip() == 'locked', line
+  return holder
+
+
+def test_a_second_writer_fails_at_once_and_the_lock_dies_with_its_holder(tmp_path):
+  import signal
+  import time
+  model = make_mlp()
+  optimizer = make_optimizer(model)
+  holder = start_lock_holder(tmp_path)
+  try:
+    start = time.perf_counter()
+    with pytest.raises(ft.CheckpointError, match=f'is in use by another writer \\(process {holder.pid} ') as caught:
+      ft.Checkpoints(tmp_path).save(1, model, optimizer)
+    assert time.perf_counter() - start < 5  # no waiting for the lock
+    assert isinstance(caught.value.__cause__, OSError)
+    assert ft.Checkpoints(tmp_path).step('latest') is None  # nothing was written
+  finally:
+    holder.send_signal(signal.SIGKILL)  # kill -9: no clean-up code runs in the holder
+    holder.wait(timeout=30)
+  with ft.Checkpoints(tmp_path) as checkpoints:  # the OS released the lock with the process
+    checkpoints.save(1, model, optimizer)
+  assert ft.Checkpoints(tmp_path).step('latest') == 1
+
+
+def test_two_writers_in_one_process_are_refused_too(tmp_path):
+  model = make_mlp()
+  optimizer = make_optimizer(model)
+  with ft.Checkpoints(tmp_path) as first:
+    first.save(1, model, optimizer)
+    with pytest.raises(ft.CheckpointError, match='in use by another writer'):
+      ft.Checkpoints(tmp_path).save(2, model, optimizer)
+    assert ft.restore_checkpoint(tmp_path, make_mlp()).step == 1  # reading needs no lock
+  with ft.Checkpoints(tmp_path) as second:  # close() released it
+    second.save(2, model, optimizer)

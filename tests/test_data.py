@@ -95,7 +95,7 @@ def test_loader_epoch_resumes_from_any_batch():
 
 
 @pytest.mark.parametrize('data, kwargs, match', [
-    (toy(5), dict(batch_size=6), r'batch_size: expected at most the number of examples \(5\), got 6'),
+    (toy(5), dict(batch_size=6), r"batch_size: expected at most the number of examples \(5\) with remainder='drop'.*got 6"),
     (toy(5), dict(batch_size=0), 'batch_size: expected a positive int, got 0'),
     (toy(5), dict(batch_size=2.0), 'batch_size: expected a positive int, got 2.0'),
     ({'x': np.zeros(0)}, dict(batch_size=1), 'data: expected at least one example, got an empty split'),
@@ -111,3 +111,31 @@ def test_loader_bad_input(data, kwargs, match):
 def test_loader_bad_start():
   with pytest.raises(ValueError, match=r'start: expected a batch index in \[0, 2\], got 3'):
     list(ft.DataLoader(toy(5), 2).epoch(0, start=3))
+
+
+def test_loader_pads_a_batch_larger_than_the_data():
+  loader = ft.DataLoader(toy(5), batch_size=8, shuffle=False, remainder='pad')
+  (batch,) = list(loader.epoch(0))
+  assert len(loader) == 1 and batch['x'].shape[0] == 8
+  np.testing.assert_array_equal(batch['mask'], [1, 1, 1, 1, 1, 0, 0, 0])
+  np.testing.assert_array_equal(np.sort(batch['x'][batch['mask'] == 1], axis=0), np.sort(toy(5)['x'], axis=0))
+
+
+@pytest.mark.parametrize('data, error, match', [
+    ((np.zeros((100, 8)), np.zeros(100)), TypeError, r"data: expected a dict of arrays such as \{'image': x, 'label': y\}, got a tuple of 2"),
+    ({'image': 'digits.npz'}, TypeError, r"data\['image'\]: expected an array with one row per example, got a string"),
+    ({'image': np.float32(3.0)}, ValueError, r"data\['image'\]: expected an array with one row per example, got a scalar"),
+    ({'image': [[1.0, 2.0], [3.0]]}, ValueError, r"data\['image'\]: expected rows of equal shape, got a ragged sequence"),
+    ({'image': np.array(['a', 'b'])}, TypeError, r"data\['image'\]: expected a numeric or bool array, got dtype <U1"),
+], ids=['tuple', 'str', 'zero_d', 'ragged', 'strings'])
+def test_loader_rejects_data_that_is_not_a_dict_of_row_arrays(data, error, match):
+  with pytest.raises(error, match=match) as caught:
+    ft.DataLoader(data, 2)
+  assert len(str(caught.value)) < 300  # the message never prints a whole array
+
+
+def test_loader_init_has_useful_help():
+  import inspect
+  doc = inspect.getdoc(ft.DataLoader.__init__)
+  for word in ('data:', 'batch_size:', 'remainder:', "'pad'", 'mask'):
+    assert word in doc

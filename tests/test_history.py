@@ -61,3 +61,50 @@ def test_bad_input():
     ft.History().record_step(1, 0.5)
   with pytest.raises(ValueError, match="state: expected a dict with keys 'steps' and 'epochs'"):
     ft.History.from_state_dict({'steps': []})
+
+
+@pytest.mark.parametrize('step, metrics, error, match', [
+    (2, {'loss': jnp.ones(3)}, ValueError, r"metrics: expected a scalar number for 'loss', got ArrayImpl shape \(3,\)"),
+    (2, {'loss': 'low'}, ValueError, r"metrics: expected a scalar number for 'loss', got str 'low'"),
+    (2, {'loss': np.array([1.0, 2.0])}, ValueError, r"shape \(2,\)"),
+    (2, {1: 0.5}, ValueError, 'metrics: expected metric names that are strings'),
+    (2, [0.5], TypeError, 'metrics: expected a dict of scalars, got list'),
+    (1, {'loss': 0.5}, ValueError, r'step: expected a step after the last recorded one \(1\), got 1'),
+    (0, {'loss': 0.5}, ValueError, r'step: expected a step after the last recorded one \(1\), got 0'),
+    (-1, {'loss': 0.5}, ValueError, r'step: expected an int >= 0, got -1'),
+    (2.5, {'loss': 0.5}, ValueError, r'step: expected an int >= 0, got 2.5'),
+])
+def test_record_step_rejects_bad_input_when_recorded_not_at_export(step, metrics, error, match):
+  history = ft.History(flush_every=100)
+  history.record_step(1, {'loss': jnp.float32(1.0)})  # pending, not flushed: the check needs no sync
+  with pytest.raises(error, match=match):
+    history.record_step(step, metrics)
+  assert len(history) == 1
+
+
+def test_record_epoch_rejects_non_scalar_metrics():
+  with pytest.raises(ValueError, match=r"metrics: expected a scalar number for 'val_loss'"):
+    ft.History().record_epoch(0, {'val_loss': [0.5, 0.4]}, step=10)
+
+
+def test_history_log_appends_only_new_rows_and_detects_a_changed_file(tmp_path):
+  from flaxtrain.history import HistoryLog
+  history = ft.History()
+  log = HistoryLog(tmp_path)
+  for step in range(3):
+    history.record_step(step, {'loss': float(step)})
+  first = log.write(history)
+  size = first[-1]['bytes']
+  history.record_step(3, {'loss': 3.0})
+  history.record_epoch(0, {'val_loss': 0.5}, step=4)
+  second = log.write(history)
+  log.close()
+  path = tmp_path / second[-1]['file']
+  assert len(path.read_text().splitlines()) == 5  # every row once: nothing rewritten
+  assert HistoryLog.read(tmp_path, first).state_dict()['steps'] == history.state_dict()['steps'][:3]
+  assert HistoryLog.read(tmp_path, second).state_dict() == history.state_dict()
+  raw = bytearray(path.read_bytes())
+  raw[size // 2] ^= 0x01
+  path.write_bytes(bytes(raw))
+  with pytest.raises(ValueError, match=r'history: .*\.jsonl does not hold the \d+ bytes recorded .*checksum'):
+    HistoryLog.read(tmp_path, first)

@@ -109,3 +109,42 @@ def test_bad_input_names_the_argument(fn, args, match):
     fn(*args)
   with pytest.raises(ValueError, match=match):  # the same error while tracing
     jax.jit(fn)(*args)
+
+
+@pytest.mark.parametrize('bad', [-1, 3, 100])
+def test_labels_outside_the_classes_give_a_nan_loss_also_under_jit(bad):
+  logits = jnp.zeros((4, 3))
+  labels = jnp.array([0, 1, bad, 2])
+  fn = jax.jit(ft.softmax_cross_entropy_with_integer_labels)
+  assert np.isnan(fn(logits, labels))
+  if bad == -1:  # optax alone wraps -1 round to the last class: a finite, wrong loss
+    assert np.isfinite(optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean())
+  # A masked-out example may hold any label (e.g. -1 as "ignore"): loss and gradient stay finite.
+  mask = jnp.array([1, 1, 0, 1])
+  np.testing.assert_allclose(fn(logits, labels, mask), np.log(3.0), rtol=1e-6)
+  grads = jax.grad(lambda x: fn(x, labels, mask))(logits)
+  assert np.isfinite(grads).all() and not np.any(grads[2])
+
+
+def test_l2_penalty_on_a_dict_of_arrays_sums_every_array():
+  params = {'w': jnp.full((2, 3), 2.0), 'b': jnp.array([1.0, -1.0])}
+  np.testing.assert_allclose(ft.l2_penalty(params), 6 * 4.0 + 2.0)
+  np.testing.assert_allclose(ft.l2_penalty(nnx.state(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.Param)),
+                             ft.l2_penalty(nnx.Linear(2, 3, rngs=nnx.Rngs(0))), rtol=1e-6)
+
+
+@pytest.mark.parametrize('tree, match', [
+    ({}, 'model: expected an nnx.Module or a pytree of float arrays, got dict with no arrays'),
+    ({'w': jnp.ones(2), 'step': jnp.int32(3)}, r"model: expected float arrays in the pytree, got .* int32 at \['step'\]"),
+    ([1.0, 2.0], r'model: expected float arrays in the pytree, got float'),
+])
+def test_l2_penalty_refuses_a_pytree_it_cannot_sum(tree, match):
+  with pytest.raises(TypeError, match=match):
+    ft.l2_penalty(tree)
+
+
+def test_loss_fn_protocol_documents_the_contract():
+  import inspect
+  doc = inspect.getdoc(ft.LossFn)
+  for word in ('(loss, aux)', "'mask'", 'scalar', 'batch'):
+    assert word in doc

@@ -211,3 +211,14 @@ def test_invalid_input_is_a_value_error_naming_the_argument(kwargs, argument, fr
   message = str(info.value)
   assert message.startswith(f'{argument}: '), message
   assert fragment in message, message
+
+
+@pytest.mark.parametrize('schedule, match', [
+    (lambda step: jnp.float32(jnp.nan), r'learning_rate: expected the schedule to give a finite rate >= 0, got nan at step 0'),
+    (lambda step: -1e-3 + 0 * step, r'finite rate >= 0, got -0.001 at step 0'),
+    (lambda step: jnp.ones(3) * 1e-3, r'expected the schedule to return a scalar rate, got float32 shape \(3,\)'),
+    (lambda: 1e-3, r'calling the schedule at step 0 failed \(TypeError'),
+], ids=['nan', 'negative', 'not_scalar', 'wrong_arguments'])
+def test_a_schedule_that_gives_no_usable_rate_is_named(schedule, match):
+  with pytest.raises(ValueError, match=match):
+    ft.make_optimizer('adam', schedule)

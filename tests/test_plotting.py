@@ -51,3 +51,14 @@ def test_plot_schedule_draws_the_schedule_values():
   np.testing.assert_allclose(line.get_ydata(), [min(s / 10, 1.0) for s in range(12)], rtol=1e-6)
   assert line.get_label() == 'warmup'
   plt.close(ax.figure)
+
+
+def test_plot_history_given_a_dict_says_what_to_pass(history):
+  with pytest.raises(TypeError, match=r'history: expected a flaxtrain.History, got dict .*pass the History itself'):
+    ft.plot_history(history.steps(), 'loss')
+
+
+def test_plot_schedule_names_the_first_step_with_a_non_finite_rate():
+  schedule = lambda step: 1e-3 / (10 - step)  # noqa: E731  # division by zero at step 10
+  with pytest.raises(ValueError, match=r'schedule: expected a finite learning rate at every step, got inf at step 10'):
+    ft.plot_schedule(schedule, 20)
