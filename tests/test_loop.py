@@ -4,6 +4,7 @@ A tiny MLP with Dropout (so the RNG state matters) on a slice of digits: 128
 training images in batches of 32 (4 steps per epoch) and 64 validation images.
 """
 
+import pathlib
 import re
 import shutil
 import types
@@ -164,9 +165,12 @@ def test_a_crash_while_writing_a_checkpoint_resumes_from_the_last_good_one(digit
 
   monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, 'finalize', crash_at_step_12)
   model, optimizer = make_pair()
-  with pytest.raises(OSError, match='simulated crash'):
+  with pytest.raises(ft.CheckpointError, match=r'saving the checkpoint of step 12 .* failed \(OSError: simulated crash') as caught:
     fit(model, optimizer, train_loader(digits), digits, checkpoint_dir=tmp_path)
   monkeypatch.undo()
+  assert isinstance(caught.value.__cause__, OSError)
+  assert len(caught.value.history) == 3 * STEPS_PER_EPOCH  # the history is kept, attached to the error
+  assert len(caught.value.history.epochs()['epoch']) == 3
   assert any('.orbax-checkpoint-tmp' in p.name for p in tmp_path.glob('*/*'))  # the partial write
   assert ft.Checkpoints(tmp_path).step('latest') == 2 * STEPS_PER_EPOCH
 
@@ -303,8 +307,9 @@ def test_a_checkpoint_of_another_model_is_named_on_resume(digits, tmp_path, refe
 
 def test_a_corrupt_checkpoint_is_named_on_resume(digits, tmp_path, reference):
   shutil.copytree(reference.directory, tmp_path, dirs_exist_ok=True)
+  for step in (8, 12, 16):  # every checkpoint kept loses its optimizer state
+    shutil.rmtree(tmp_path / 'latest' / str(step) / 'optimizer')
   step_dir = tmp_path / 'latest' / str(EPOCHS * STEPS_PER_EPOCH)
-  shutil.rmtree(step_dir / 'optimizer')
   model, optimizer = make_pair()
   with pytest.raises(ValueError, match=f'cannot read the checkpoint at {step_dir}'):
     fit(model, optimizer, train_loader(digits), digits, epochs=EPOCHS + 1, checkpoint_dir=tmp_path)
@@ -344,6 +349,9 @@ def test_a_finished_run_resumes_to_nothing_and_returns_its_history(digits, refer
     ({'optimizer': optax.adam(1e-3)}, TypeError, 'optimizer: expected an nnx.Optimizer'),
     ({'best_metric': 'val_f1'}, ValueError, r"best_metric: expected one of the epoch metrics \[.*'val_accuracy'"),
     ({'val_loader': None}, ValueError, 'best_metric: .*pass a val_loader'),
+    ({'keep': 0}, ValueError, 'keep: expected a positive int, got 0'),
+    ({'accept_new_hyperparams': 'yes'}, TypeError, "accept_new_hyperparams: expected True or False, got 'yes'"),
+    ({'resume': None}, TypeError, 'resume: expected True or False, got None'),
 ], ids=lambda v: str(v)[:30] if isinstance(v, dict) else None)
 def test_bad_arguments_fail_before_any_training(digits, tmp_path, kwargs, error, message):
   model, optimizer = make_pair()
@@ -354,3 +362,271 @@ def test_bad_arguments_fail_before_any_training(digits, tmp_path, kwargs, error,
     ft.fit(model, arguments.pop('optimizer'), arguments.pop('train_loader'), **arguments)
   assert_trees_equal(as_numpy(model), before)
   assert not (tmp_path / 'run').exists()
+
+
+# Checkpoints: nothing lost, nothing trusted silently ----------------------------------------------------
+
+
+def flip_a_byte(step_dir):
+  files = [p for p in (step_dir / 'model').rglob('*') if p.is_file()]
+  data = max(files, key=lambda p: p.stat().st_size)
+  raw = bytearray(data.read_bytes())
+  raw[len(raw) // 2] ^= 0x04
+  data.write_bytes(bytes(raw))
+
+
+def tree_bytes(directory):
+  return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob('*')) if p.is_file()}
+
+
+def test_the_reference_run_keeps_its_last_three_checkpoints_and_a_history_written_once(reference):
+  assert ft.Checkpoints(reference.directory).steps('latest') == [8, 12, 16]
+  lines = [line for path in (reference.directory / 'history').glob('*.jsonl') for line in path.read_text().splitlines()]
+  # Each save appended only the rows recorded since the previous one: every row is on disk exactly once.
+  assert len(lines) == EPOCHS * STEPS_PER_EPOCH + EPOCHS
+
+
+def test_a_corrupt_newest_checkpoint_is_set_aside_with_a_warning_and_the_run_resumes_from_the_one_before(
+    digits, tmp_path, reference):
+  shutil.copytree(reference.directory, tmp_path, dirs_exist_ok=True)
+  flip_a_byte(tmp_path / 'latest' / '16')
+  model, optimizer = make_pair(seed=5)
+  with pytest.warns(RuntimeWarning, match=r'skipped the checkpoint of step 16: .*latest/16 is corrupt: array model/'):
+    history = fit(model, optimizer, train_loader(digits), digits, checkpoint_dir=tmp_path)
+  assert_same_as_reference(model, optimizer, history, reference)  # epoch 4 again, from step 12
+  assert (tmp_path / 'set_aside' / 'latest-16' / 'model').is_dir()  # moved, not deleted
+  assert 'latest/16 is corrupt' in (tmp_path / 'set_aside' / 'latest-16.reason.txt').read_text()
+
+
+def test_a_directory_with_a_best_but_no_latest_checkpoint_is_never_started_afresh(digits, tmp_path, reference):
+  shutil.copytree(reference.directory, tmp_path, dirs_exist_ok=True)
+  shutil.rmtree(tmp_path / 'latest')
+  before = tree_bytes(tmp_path)
+  for resume in (True, False):
+    model, optimizer = make_pair()
+    untouched = as_numpy(model)
+    with pytest.raises(ValueError, match=r"holds \['best/\d+'.* but no latest checkpoint .* pass a new checkpoint_dir"):
+      fit(model, optimizer, train_loader(digits), digits, checkpoint_dir=tmp_path, resume=resume)
+    assert_trees_equal(as_numpy(model), untouched)  # no training
+  after = tree_bytes(tmp_path)
+  after.pop(pathlib.Path('.lock'), None)
+  before.pop(pathlib.Path('.lock'), None)
+  assert after == before  # every file as it was
+
+
+def test_a_run_never_falls_back_to_starting_afresh_when_no_checkpoint_verifies(digits, tmp_path, reference):
+  shutil.copytree(reference.directory, tmp_path, dirs_exist_ok=True)
+  for step in (8, 12, 16):
+    flip_a_byte(tmp_path / 'latest' / str(step))
+  model, optimizer = make_pair()
+  with pytest.raises(ValueError, match=r"no 'latest' checkpoint .* can be used \(step 16: .*step 12: .*step 8: "):
+    fit(model, optimizer, train_loader(digits), digits, checkpoint_dir=tmp_path, epochs=EPOCHS + 1)
+  assert ft.Checkpoints(tmp_path).steps('latest') == [8, 12, 16]
+
+
+def test_a_second_fit_on_the_same_directory_fails_at_once_and_kill_9_frees_it(digits, tmp_path):
+  import signal
+  import subprocess
+  import sys
+  holder = subprocess.Popen([sys.executable, '-c', (
+      'import sys, time, flaxtrain as ft\n'
+      'checkpoints = ft.Checkpoints(sys.argv[1])\n'
+      'checkpoints.acquire()\n'
+      'print("locked", flush=True)\n'
+      'time.sleep(120)\n'), str(tmp_path)], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'locked'
+    model, optimizer = make_pair()
+    untouched = as_numpy(model)
+    with pytest.raises(ft.CheckpointError, match=f'in use by another writer \\(process {holder.pid} '):
+      fit(model, optimizer, train_loader(digits), digits, checkpoint_dir=tmp_path, epochs=1)
+    assert_trees_equal(as_numpy(model), untouched)  # refused before any training
+  finally:
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=30)
+  fit(model, optimizer, train_loader(digits), digits, checkpoint_dir=tmp_path, epochs=1)
+  assert ft.Checkpoints(tmp_path).step('latest') == STEPS_PER_EPOCH
+
+
+def constant_rate_pair(learning_rate, seed=0):
+  tx = optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate)
+  return make_pair(seed=seed, tx=tx)
+
+
+def test_a_different_constant_learning_rate_on_resume_is_an_error_unless_accepted(digits, tmp_path):
+  model, optimizer = constant_rate_pair(1e-3)
+  fit(model, optimizer, train_loader(digits), digits, checkpoint_dir=tmp_path, epochs=1)
+  model, optimizer = constant_rate_pair(1e-2, seed=1)
+  with pytest.raises(ValueError, match=r'learning_rate \(opt_state/hyperparams/learning_rate\): 0\.01 in the '
+                                       r'optimizer given, 0\.001 in the checkpoint.*accept_new_hyperparams=True'):
+    fit(model, optimizer, train_loader(digits), digits, checkpoint_dir=tmp_path, epochs=2)
+  history = fit(model, optimizer, train_loader(digits), digits, checkpoint_dir=tmp_path, epochs=2,
+                accept_new_hyperparams=True)
+  rates = history.steps()['learning_rate']
+  np.testing.assert_allclose(rates[:STEPS_PER_EPOCH], 1e-3, rtol=1e-6)
+  np.testing.assert_allclose(rates[STEPS_PER_EPOCH:], 1e-2, rtol=1e-6)  # the new rate is the one used
+  model, optimizer = constant_rate_pair(1e-2, seed=2)  # and it is the run's rate from now on
+  fit(model, optimizer, train_loader(digits), digits, checkpoint_dir=tmp_path, epochs=3)
+
+
+def test_an_unwritable_checkpoint_dir_fails_before_training(digits, tmp_path, monkeypatch):
+  def refuse(*args, **kwargs):
+    raise PermissionError(13, 'Permission denied')
+
+  monkeypatch.setattr(ft.checkpoint.tempfile, 'mkstemp', refuse)
+  model, optimizer = make_pair()
+  untouched = as_numpy(model)
+  with pytest.raises(ft.CheckpointError, match='cannot write to .*make it writable or pass another checkpoint_dir') as caught:
+    fit(model, optimizer, train_loader(digits), digits, checkpoint_dir=tmp_path / 'run')
+  assert isinstance(caught.value.__cause__, PermissionError)
+  assert_trees_equal(as_numpy(model), untouched)
+
+
+def test_a_position_that_disagrees_with_the_step_is_refused(digits, tmp_path, reference):
+  shutil.copytree(reference.directory, tmp_path, dirs_exist_ok=True)
+  model, optimizer = make_pair(seed=3)
+  with ft.Checkpoints(tmp_path) as checkpoints:
+    info = checkpoints.restore(model, optimizer)
+    checkpoints.adopt()
+    checkpoints.save(17, model, optimizer, metadata={**info.metadata, 'epoch': 2})  # says step 8
+  with pytest.raises(ValueError, match=r'saved at step 17, but its metadata puts it at epoch 2, batch 0 .* disagree'):
+    fit(model, optimizer, train_loader(digits), digits, checkpoint_dir=tmp_path, epochs=EPOCHS + 1)
+
+
+def test_fewer_epochs_than_already_done_is_an_error(digits, tmp_path, reference):
+  shutil.copytree(reference.directory, tmp_path, dirs_exist_ok=True)
+  model, optimizer = make_pair()
+  with pytest.raises(ValueError, match=r'epochs: the run in .* has already done 4 epochs \(16 steps\), more than '
+                                       r'epochs=2; .*pass epochs > 4'):
+    fit(model, optimizer, train_loader(digits), digits, checkpoint_dir=tmp_path, epochs=2)
+
+
+def test_resuming_with_another_best_metric_would_not_replace_the_best_checkpoint(digits, tmp_path, reference):
+  shutil.copytree(reference.directory, tmp_path, dirs_exist_ok=True)
+  model, optimizer = make_pair()
+  with pytest.raises(ValueError, match=r"best_metric: the best checkpoint .* chosen by 'val_accuracy' \(max\)"):
+    fit(model, optimizer, train_loader(digits), digits, checkpoint_dir=tmp_path, epochs=EPOCHS + 1,
+        best_metric='val_loss', best_mode='min')
+
+
+# Data that does not fit: found before the first training step -------------------------------------------
+
+
+class TupleLoader:
+  def __init__(self, loader):
+    self.loader = loader
+
+  def __len__(self):
+    return len(self.loader)
+
+  def epoch(self, epoch, start=0):
+    for batch in self.loader.epoch(epoch, start):
+      yield batch['image'], batch['label']
+
+
+def loss_ignoring_mask(model, batch):
+  logits = model(batch['image'])
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
+  return loss, {'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label'])}
+
+
+def with_label(data, index, label):
+  labels = data['label'].copy()
+  labels[index] = label
+  return {**data, 'label': labels}
+
+
+@pytest.mark.parametrize('case, error, message', [
+    ('tuple_batches', TypeError, r"train_loader: expected batches that are dicts .*got a tuple of 2"),
+    ('missing_key', ValueError, r"train_loader: .*\{'x': \(32, 8, 8, 1\), 'label': \(32,\)\}.*'image'"),
+    ('custom_loss_missing_key', ValueError, r"train_loader: loss_fn reads batch\['tokens'\], but the batches hold "
+                                            r"\{'image': \(32, 8, 8, 1\), 'label': \(32,\)\}"),
+    ('label_minus_one', ValueError, r'train_loader: labels must be class indices in \[0, 10\) .*found 1 outside it, e\.g\. \[-1\]'),
+    ('val_label_ten', ValueError, r'val_loader: labels must be class indices in \[0, 10\) .*e\.g\. \[10\]'),
+    ('val_drops_examples', ValueError, r"val_loader: remainder='drop' evaluates only 32 of its 40 examples"),
+    ('loss_ignores_mask', ValueError, r"loss_fn: ignores batch\['mask'\]: on a padded val_loader batch \(24 padding rows\)"),
+    ('val_batches_do_not_fit', ValueError, r'val_loader: a batch .*\(32, 4, 4, 1\).* does not fit model and loss_fn'),
+    ('bare_scalar_loss', TypeError, r'loss_fn: expected loss_fn\(model, batch\) -> \(loss, aux\)'),
+    ('per_example_loss', ValueError, r'loss_fn: expected a scalar loss .*got shape \(32,\)'),
+])
+def test_bad_data_is_named_before_any_training(digits, case, error, message):
+  train, val = digits
+  model, optimizer = make_pair()
+  untouched = as_numpy(model)
+  loader, kwargs = train_loader(digits), {'val_loader': val_loader(digits)}
+  if case == 'tuple_batches':
+    loader = TupleLoader(loader)
+  elif case == 'missing_key':
+    loader = ft.DataLoader({'x': train['image'], 'label': train['label']}, 32)
+  elif case == 'custom_loss_missing_key':
+    kwargs['loss_fn'] = lambda model, batch: (jnp.mean(model(batch['tokens'])), {})
+  elif case == 'label_minus_one':
+    loader = ft.DataLoader(with_label(train, 5, -1), 32, seed=3)
+  elif case == 'val_label_ten':
+    kwargs['val_loader'] = ft.DataLoader(with_label(val, 63, 10), 32, shuffle=False, remainder='pad')
+  elif case == 'val_drops_examples':
+    kwargs['val_loader'] = ft.DataLoader({k: v[:40] for k, v in val.items()}, 32)  # the defaults
+  elif case == 'loss_ignores_mask':
+    kwargs = {'val_loader': ft.DataLoader({k: v[:40] for k, v in val.items()}, 32, shuffle=False, remainder='pad'),
+              'loss_fn': loss_ignoring_mask}
+  elif case == 'val_batches_do_not_fit':
+    kwargs['val_loader'] = [{'image': np.zeros((32, 4, 4, 1), np.float32), 'label': np.zeros(32, np.int32)}]
+  elif case == 'bare_scalar_loss':
+    kwargs['loss_fn'] = lambda model, batch: ft.classification_loss(model, batch)[0]
+  elif case == 'per_example_loss':
+    kwargs['loss_fn'] = lambda model, batch: (
+        optax.softmax_cross_entropy_with_integer_labels(model(batch['image']), batch['label']), {})
+  with pytest.raises(error, match=message):
+    fit(model, optimizer, loader, digits, **kwargs)
+  assert_trees_equal(as_numpy(model), untouched)
+
+
+def test_a_loss_that_honours_the_mask_passes_the_padding_check(digits):
+  def loss_fn(model, batch):
+    logits = model(batch['image'])
+    mask = batch.get('mask')
+    return ft.softmax_cross_entropy_with_integer_labels(logits, batch['label'], mask), {'accuracy': ft.accuracy(logits, batch['label'], mask)}
+
+  model, optimizer = make_pair()
+  val = ft.DataLoader({k: v[:40] for k, v in digits[1].items()}, 32, shuffle=False, remainder='pad')
+  history = fit(model, optimizer, train_loader(digits), digits, epochs=1, val_loader=val, loss_fn=loss_fn)
+  assert history.epochs()['val_accuracy'].shape == (1,)
+
+
+def test_a_label_out_of_range_inside_jit_gives_a_nan_loss_and_fit_names_the_step(digits):
+  class BadLabelAt(Wrapped):  # a loader fit cannot look into: labels reach the device unchecked
+    def epoch(self, epoch, start=0):
+      for index, batch in enumerate(self.loader.epoch(epoch, start), start=start):
+        if epoch * len(self) + index in self.at:
+          batch = with_label(batch, 0, -1)
+        yield batch
+
+  model, optimizer = make_pair()
+  with pytest.raises(FloatingPointError, match=r'the loss was nan at step 2 '):
+    fit(model, optimizer, BadLabelAt(train_loader(digits), at=[2]), digits, epochs=1, val_loader=None)
+
+
+def test_a_second_fit_on_an_unchanged_model_traces_nothing_again(digits):
+  """fit's shape checks and its steps are reused by the next call: loss_fn is not traced again."""
+  traced = []
+
+  def loss_fn(model, batch):
+    traced.append(1)  # runs only while JAX traces: compiled steps never call Python
+    return ft.classification_loss(model, batch)
+
+  model, optimizer = make_pair()
+  ft.fit(model, optimizer, train_loader(digits), epochs=1, val_loader=val_loader(digits), loss_fn=loss_fn,
+         progress=False)
+  first = len(traced)
+  ft.fit(model, optimizer, train_loader(digits), epochs=1, val_loader=val_loader(digits), loss_fn=loss_fn,
+         progress=False)
+  assert first > 0 and len(traced) == first
+
+
+def test_a_model_changed_between_fit_calls_is_checked_afresh(digits):
+  model, optimizer = make_pair()
+  ft.fit(model, optimizer, train_loader(digits), epochs=1, progress=False)
+  model.hidden[0] = nnx.Linear(32, 32, rngs=nnx.Rngs(1))  # now expects 32 inputs, the data has 64
+  optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+  with pytest.raises(ValueError, match='train_loader: a batch .* does not fit model and loss_fn'):
+    ft.fit(model, optimizer, train_loader(digits), epochs=1, progress=False)

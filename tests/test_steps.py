@@ -86,7 +86,10 @@ def test_current_learning_rate_is_none_without_injection():
 @pytest.mark.parametrize(
     'loss_fn, error, match',
     [
-        (lambda m, b: (jnp.ones(3), {}), TypeError, 'scalar-output'),  # jax.grad's own error
+        (lambda m, b: (jnp.ones(3), {}), ValueError, r'loss_fn: expected a scalar loss, got shape \(3,\)'),
+        (lambda m, b: jnp.float32(1.0), TypeError, r'loss_fn: expected it to return a pair \(loss, aux\).*got '
+                                                   r'an array of shape \(\)'),
+        (lambda m, b: (jnp.float32(1.0),), TypeError, r'return a pair \(loss, aux\).*got a tuple of 1'),
         (lambda m, b: (jnp.float32(1.0), [1]), TypeError, 'loss_fn: expected aux to be a dict'),
         (lambda m, b: (jnp.float32(1.0), {'x': jnp.ones(2)}), ValueError, r"aux\['x'\] must be a scalar"),
         (lambda m, b: (jnp.float32(1.0), {'grad_norm': 1.0}), ValueError, "aux key 'grad_norm' is reserved"),
@@ -140,3 +143,58 @@ def test_evaluate_weights_padded_batches_by_count():
 def test_evaluate_rejects_no_batches():
   with pytest.raises(ValueError, match='batches: expected at least one batch'):
     ft.evaluate(ft.make_eval_step(), make_model(), [])
+
+
+# Bad input to the train step ----------------------------------------------------
+
+
+def test_train_step_without_the_optimizer_says_so():
+  model = make_model()
+  with pytest.raises(TypeError, match=r'train_step: expected train_step\(model, optimizer, batch\), got 2 '
+                                      'arguments; the optimizer is missing'):
+    ft.make_train_step()(model, make_batch(0))
+
+
+def test_train_step_rejects_an_optimizer_built_for_another_model():
+  model = make_model()
+  other = ft.MLP(64, (32,), 10, rngs=nnx.Rngs(1))
+  optimizer = nnx.Optimizer(other, optax.adam(1e-3), wrt=nnx.Param)
+  before = np.array(model.out.kernel[...])
+  with pytest.raises(ValueError, match='optimizer: its state does not fit model'):
+    ft.make_train_step()(model, optimizer, make_batch(0))
+  np.testing.assert_array_equal(model.out.kernel[...], before)
+
+
+@pytest.mark.parametrize('args, match', [
+    (('model', 'optimizer', {}), 'model: expected an nnx.Module, got str'),
+    ((None, optax.adam(1e-3), {}), 'model: expected an nnx.Module, got NoneType'),
+])
+def test_train_step_rejects_arguments_of_the_wrong_type(args, match):
+  with pytest.raises(TypeError, match=match):
+    ft.make_train_step()(*args)
+
+
+def test_train_step_rejects_an_optax_transformation_as_optimizer():
+  with pytest.raises(TypeError, match=r'optimizer: expected an nnx.Optimizer\(model, tx, wrt=nnx.Param\), got '
+                                      'GradientTransformationExtraArgs'):
+    ft.make_train_step()(make_model(), optax.adam(1e-3), make_batch(0))
+
+
+@pytest.mark.parametrize('loss_fn, match', [
+    (lambda model: None, r'loss_fn: expected a function called as loss_fn\(model, batch\).*\(model\)'),
+    (lambda model, batch, rng: None, r'cannot be called with \(model, batch\)'),
+])
+def test_loss_fn_with_the_wrong_arguments_is_rejected_when_the_step_is_made(loss_fn, match):
+  with pytest.raises(TypeError, match=match):
+    ft.make_train_step(loss_fn)
+
+
+def test_classification_loss_names_the_missing_batch_keys():
+  model = make_model()
+  optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+  batch = make_batch(0)
+  with pytest.raises(ValueError, match=r"batch: classification_loss expects the keys 'image' and 'label'.*"
+                                       r"got keys \['image', 'y'\]"):
+    ft.make_train_step()(model, optimizer, {'image': batch['image'], 'y': batch['label']})
+  with pytest.raises(TypeError, match=r"batch: classification_loss expects a dict.*got a tuple of 2"):
+    ft.make_train_step()(model, optimizer, (batch['image'], batch['label']))
