@@ -17,13 +17,14 @@ from flaxtrain.losses import softmax_cross_entropy_with_integer_labels
 from flaxtrain.metrics import accuracy
 
 # steps (notebooks 00, 02)
-from flaxtrain.steps import LossFn
+from flaxtrain.losses import LossFn  # documented Protocol: help(ft.LossFn)
 from flaxtrain.steps import classification_loss
 from flaxtrain.steps import current_learning_rate
 from flaxtrain.steps import eval_view
 from flaxtrain.steps import evaluate
 from flaxtrain.steps import make_eval_step
 from flaxtrain.steps import make_train_step
+from flaxtrain.steps import stack_batches
 
 # data (notebook 00)
 from flaxtrain.data import DataLoader
@@ -33,6 +34,7 @@ from flaxtrain.data import load_digits
 # models (notebook 00)
 from flaxtrain.models import CNN
 from flaxtrain.models import MLP
+from flaxtrain.models import TransformerLM  # notebook 11
 
 # optim (notebook 03)
 from flaxtrain.optim import make_optimizer
@@ -47,7 +49,38 @@ from flaxtrain.history import History
 from flaxtrain.plotting import plot_history
 from flaxtrain.plotting import plot_schedule
 
+# live plots (notebook 08) and the learning-rate finder (notebook 04)
+from flaxtrain.live import LivePlot
+from flaxtrain.lr_finder import LRFinderResult
+from flaxtrain.lr_finder import find_learning_rate
+from flaxtrain.lr_finder import plot_lr_finder
+
+# precision (notebook 06)
+from flaxtrain.precision import DynamicLossScale
+from flaxtrain.precision import adjust_loss_scale
+from flaxtrain.precision import all_finite
+from flaxtrain.precision import count_underflow
+from flaxtrain.precision import dynamic_loss_scale
+from flaxtrain.precision import param_bytes
+from flaxtrain.precision import scale_loss
+from flaxtrain.precision import unscale_grads
+
+# debugging tools, used as ft.debug.grad_norms etc. (notebook 07)
+from flaxtrain import debug
+
+# text for a character-level language model (notebook 11)
+from flaxtrain.text import CharVocab
+from flaxtrain.text import TextLoader
+from flaxtrain.text import TextSplits
+from flaxtrain.text import bigram_bits_per_char
+from flaxtrain.text import load_python_docs
+from flaxtrain.text import next_token_loss
+from flaxtrain.text import sample_text
+from flaxtrain.text import unigram_bits_per_char
+
 # checkpoint and loop (notebook 08)
+from flaxtrain.checkpoint import CheckpointError
+from flaxtrain.checkpoint import CheckpointInfo
 from flaxtrain.checkpoint import Checkpoints
 from flaxtrain.checkpoint import restore_checkpoint
 from flaxtrain.loop import fit
@@ -71,6 +104,7 @@ __all__ = [
     'evaluate',
     'make_eval_step',
     'make_train_step',
+    'stack_batches',
     # data
     'DataLoader',
     'Splits',
@@ -78,6 +112,7 @@ __all__ = [
     # models
     'CNN',
     'MLP',
+    'TransformerLM',
     # optim
     'make_optimizer',
     # schedules
@@ -88,7 +123,34 @@ __all__ = [
     'History',
     'plot_history',
     'plot_schedule',
+    # live plots and the learning-rate finder
+    'LivePlot',
+    'LRFinderResult',
+    'find_learning_rate',
+    'plot_lr_finder',
+    # precision
+    'DynamicLossScale',
+    'adjust_loss_scale',
+    'all_finite',
+    'count_underflow',
+    'dynamic_loss_scale',
+    'param_bytes',
+    'scale_loss',
+    'unscale_grads',
+    # debugging (a module: ft.debug.<name>, its own __all__)
+    'debug',
+    # text
+    'CharVocab',
+    'TextLoader',
+    'TextSplits',
+    'bigram_bits_per_char',
+    'load_python_docs',
+    'next_token_loss',
+    'sample_text',
+    'unigram_bits_per_char',
     # checkpoint and loop
+    'CheckpointError',
+    'CheckpointInfo',
     'Checkpoints',
     'restore_checkpoint',
     'fit',

@@ -7,6 +7,8 @@ computes in bfloat16.
 
 from __future__ import annotations
 
+import inspect
+import numbers
 from collections.abc import Sequence
 
 import jax
@@ -15,13 +17,34 @@ from flax import nnx
 
 from flaxtrain import _checks
 
-__all__ = ['MLP', 'CNN']
+__all__ = ['MLP', 'CNN', 'TransformerLM']
+
+
+def _with_init_signature(cls: type) -> type:
+  """Makes ``help(cls)`` and ``inspect.signature(cls)`` show ``__init__``'s arguments.
+
+  ``nnx.Module``'s metaclass defines ``__call__(*args, **kwargs)``, which
+  ``inspect`` would report instead.
+  """
+  signature = inspect.signature(cls.__init__)
+  cls.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])
+  return cls
+
+
+def _check_widths(name: str, widths: object) -> tuple[int, ...]:
+  """A sequence of positive ints, e.g. ``(128, 128)``; a bare int is refused, naming the fix."""
+  if isinstance(widths, numbers.Integral) and not isinstance(widths, bool):
+    raise TypeError(f'{name}: expected a sequence of layer widths such as ({widths},), got the int {widths}')
+  if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence):
+    raise TypeError(f'{name}: expected a sequence of layer widths such as (128, 128), got {widths!r:.60}')
+  return tuple(_checks.check_int(name, width) for width in widths)
 
 
 def _check_dropout_rate(rate: float) -> None:
   _checks.check_real('dropout_rate', rate, expected='a value in [0, 1)', valid=lambda v: 0.0 <= v < 1.0)
 
 
+@_with_init_signature
 class MLP(nnx.Module):
   """Flattens its input, then Linear -> ReLU [-> Dropout] layers -> logits.
 
@@ -51,8 +74,7 @@ class MLP(nnx.Module):
   ):
     _checks.check_int('in_features', in_features)
     _checks.check_int('out_features', out_features)
-    for width in hidden:
-      _checks.check_int('hidden', width)
+    hidden = _check_widths('hidden', hidden)
     _check_dropout_rate(dropout_rate)
     self.in_features = in_features
     widths = [in_features, *hidden]
@@ -76,6 +98,7 @@ class MLP(nnx.Module):
     return self.out(x)
 
 
+@_with_init_signature
 class CNN(nnx.Module):
   """Two 3x3 convolutions, one 2x2 average pool, two dense layers.
 
@@ -137,3 +160,86 @@ class CNN(nnx.Module):
     if self.dropout is not None:
       x = self.dropout(x)
     return self.out(x)
+
+
+class _DecoderBlock(nnx.Module):
+  """Pre-LN block: ``x + attention(norm(x))``, then ``x + mlp(norm(x))``."""
+
+  def __init__(self, d_model: int, num_heads: int, mlp_ratio: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.norm1 = nnx.LayerNorm(d_model, **kw)
+    self.attention = nnx.MultiHeadAttention(num_heads, d_model, decode=False, keep_rngs=False, **kw)
+    self.norm2 = nnx.LayerNorm(d_model, **kw)
+    self.mlp_in = nnx.Linear(d_model, mlp_ratio * d_model, **kw)
+    self.mlp_out = nnx.Linear(mlp_ratio * d_model, d_model, **kw)
+
+  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    x = x + self.attention(self.norm1(x), mask=mask)
+    return x + self.mlp_out(nnx.gelu(self.mlp_in(self.norm2(x))))
+
+
+class TransformerLM(nnx.Module):
+  """A decoder-only transformer: tokens ``(batch, length)`` -> next-token logits.
+
+  Token and learned position embeddings, ``num_layers`` pre-LN blocks (causal
+  multi-head self-attention, then a GELU MLP, each added to its input), a final
+  LayerNorm and a linear head. Position ``t`` of the output depends only on
+  tokens ``0..t``: the attention mask hides every later token.
+
+  Args:
+    vocab_size: number of tokens (characters).
+    context: the longest input the model accepts (position embeddings).
+    d_model: width of the residual stream; divisible by ``num_heads``.
+    num_heads: attention heads per block.
+    num_layers: blocks.
+    mlp_ratio: hidden width of the MLP, as a multiple of ``d_model``.
+    rngs: ``nnx.Rngs(seed)``.
+
+  Example:
+    >>> model = TransformerLM(65, context=32, d_model=32, num_heads=4, num_layers=1, rngs=nnx.Rngs(0))
+    >>> model(jnp.zeros((2, 10), jnp.int32)).shape
+    (2, 10, 65)
+  """
+
+  def __init__(
+      self,
+      vocab_size: int,
+      *,
+      context: int,
+      d_model: int = 64,
+      num_heads: int = 4,
+      num_layers: int = 2,
+      mlp_ratio: int = 4,
+      dtype: jnp.dtype | None = None,
+      param_dtype: jnp.dtype = jnp.float32,
+      rngs: nnx.Rngs,
+  ):
+    for name, value in (('vocab_size', vocab_size), ('context', context), ('d_model', d_model),
+                        ('num_heads', num_heads), ('num_layers', num_layers), ('mlp_ratio', mlp_ratio)):
+      _checks.check_int(name, value)
+    if d_model % num_heads:
+      raise ValueError(f'd_model: expected a multiple of num_heads ({num_heads}), got {d_model}')
+    self.vocab_size, self.context = vocab_size, context
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.token_embed = nnx.Embed(vocab_size, d_model, **kw)
+    self.position_embed = nnx.Embed(context, d_model, **kw)
+    self.blocks = nnx.List([_DecoderBlock(d_model, num_heads, mlp_ratio, **kw) for _ in range(num_layers)])
+    self.norm = nnx.LayerNorm(d_model, **kw)
+    self.head = nnx.Linear(d_model, vocab_size, **kw)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    if jnp.ndim(tokens) != 2 or not jnp.issubdtype(jnp.asarray(tokens).dtype, jnp.integer):
+      raise ValueError(f'tokens: expected integer token ids of shape (batch, length), got '
+                       f'{jnp.asarray(tokens).dtype} shape {jnp.shape(tokens)}')
+    length = tokens.shape[1]
+    if not 1 <= length <= self.context:
+      raise ValueError(f'tokens: expected a length in [1, {self.context}] (the model\'s context), got {length}')
+    if not isinstance(tokens, jax.core.Tracer):  # values are known outside jit: check them
+      low, high = int(jnp.min(tokens)), int(jnp.max(tokens))
+      if low < 0 or high >= self.vocab_size:
+        raise ValueError(f'tokens: expected ids in [0, {self.vocab_size}) (vocab_size), got values in [{low}, {high}]')
+    x = self.token_embed(tokens) + self.position_embed(jnp.arange(length))[None]
+    mask = nnx.make_causal_mask(tokens, dtype=jnp.bool_)
+    for block in self.blocks:
+      x = block(x, mask)
+    return self.head(self.norm(x))

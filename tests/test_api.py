@@ -10,18 +10,35 @@ EXPECTED = {
     'accuracy',
     # steps
     'LossFn', 'classification_loss', 'current_learning_rate', 'eval_view', 'evaluate', 'make_eval_step', 'make_train_step',
+    'stack_batches',
     # data
     'DataLoader', 'Splits', 'load_digits',
     # models
-    'CNN', 'MLP',
+    'CNN', 'MLP', 'TransformerLM',
+    # text
+    'CharVocab', 'TextLoader', 'TextSplits', 'bigram_bits_per_char', 'load_python_docs', 'next_token_loss',
+    'sample_text', 'unigram_bits_per_char',
     # optim
     'make_optimizer',
     # schedules
     'constant_schedule', 'exponential_decay', 'warmup_cosine',
     # history and plotting
     'History', 'plot_history', 'plot_schedule',
+    # precision
+    'DynamicLossScale', 'adjust_loss_scale', 'all_finite', 'count_underflow', 'dynamic_loss_scale',
+    'param_bytes', 'scale_loss', 'unscale_grads',
+    # debugging: a module, used as ft.debug.<name>
+    'debug',
     # checkpoint and loop
-    'Checkpoints', 'restore_checkpoint', 'fit',
+    'CheckpointError', 'CheckpointInfo', 'Checkpoints', 'restore_checkpoint', 'fit',
+    'LivePlot', 'LRFinderResult', 'find_learning_rate', 'plot_lr_finder',
+}
+
+MODULES = {'debug'}  # exported modules; their own __all__ is pinned below
+
+DEBUG = {
+    'grad_norms', 'NonFinite', 'find_nonfinite', 'check_finite', 'layer_outputs', 'dead_relu_fraction',
+    'OverfitResult', 'overfit_one_batch', 'Compilations', 'count_compilations', 'Throughput', 'throughput',
 }
 
 
@@ -40,4 +57,11 @@ def test_every_exported_name_exists_and_is_documented():
 def test_no_unexported_public_functions_leak():
   public = {n for n in vars(flaxtrain) if not n.startswith('_')}
   modules = {n for n in public if type(getattr(flaxtrain, n)).__name__ == 'module'}
-  assert public - modules - {'annotations'} == EXPECTED
+  assert public - modules - {'annotations'} == EXPECTED - MODULES
+  assert MODULES <= modules
+
+
+def test_debug_module_is_pinned_and_documented():
+  assert set(flaxtrain.debug.__all__) == DEBUG
+  for name in DEBUG:
+    assert getattr(flaxtrain.debug, name).__doc__.strip(), f'debug.{name} has no docstring'

@@ -51,3 +51,23 @@ def test_wrong_input_shape_is_named():
     ft.CNN(rngs=nnx.Rngs(0))(jnp.ones((2, 28, 28, 1)))
   with pytest.raises(ValueError, match='x: expected 64 features per example after flattening, got 784'):
     ft.MLP(64, (8,), 10, rngs=nnx.Rngs(0))(jnp.ones((2, 28, 28)))
+
+
+def test_hidden_as_a_bare_int_is_named():
+  with pytest.raises(TypeError, match=r'hidden: expected a sequence of layer widths such as \(32,\), got the int 32'):
+    ft.MLP(30, 32, 2, rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match='hidden: expected a sequence of layer widths'):
+    ft.MLP(30, 'wide', 2, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize('cls, names', [
+    (ft.MLP, ['in_features', 'hidden', 'out_features', 'dropout_rate', 'dtype', 'param_dtype', 'rngs']),
+    (ft.CNN, ['num_classes', 'input_shape', 'features', 'hidden', 'dropout_rate', 'batch_norm', 'dtype',
+              'param_dtype', 'rngs']),
+])
+def test_help_shows_the_real_signature(cls, names):
+  import inspect
+  import pydoc
+  assert list(inspect.signature(cls).parameters) == names
+  header = pydoc.render_doc(cls, renderer=pydoc.plaintext).split('\n\n')[1]  # 'class MLP(...)' and its signature
+  assert f'{cls.__name__}({names[0]}: ' in header and '*args' not in header
