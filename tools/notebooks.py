@@ -90,14 +90,121 @@ def problems(path: pathlib.Path) -> list[str]:
   if counts != list(range(1, len(code) + 1)):
     found.append(f'code cells were not executed once each, top to bottom: execution counts {counts}')
   for i, cell in enumerate(code):
-    errors = [o for o in cell.get('outputs', []) if o.get('output_type') == 'error']
-    expected = 'raises-exception' in cell.get('metadata', {}).get('tags', [])
-    if errors and not expected:
-      found.append(f'code cell {i + 1} stored an error: {errors[0].get("ename")}')
-    if expected and not errors:
-      found.append(f'code cell {i + 1} is tagged raises-exception but raised nothing')
+    found += [f'code cell {i + 1} {p}' for p in exception_problems(cell)]
+  found += unmatched_numbers(nb)
   if not any(re.search(r'^\s*assert\b', c.source, re.M) for c in code):
     found.append('no assert: every claim must be checked on a measured value')
+  return found
+
+
+# Expected errors -------------------------------------------------------------
+
+RAISES = re.compile(r'#\s*raises:\s*([A-Za-z_][\w.]*)\s*$')
+
+
+def expected_exception(cell: nbformat.NotebookNode) -> str | None:
+  """The exception named by the cell's first-line comment ``# raises: Name``, if any."""
+  lines = cell.source.lstrip('\n').splitlines()
+  match = RAISES.match(lines[0].strip()) if lines else None
+  return match.group(1) if match else None
+
+
+def exception_matches(expected: str, ename: str | None) -> bool:
+  """True if the error name a kernel reported is the expected one (``jax.errors.X`` matches ``X``)."""
+  return ename is not None and expected.rsplit('.', 1)[-1] == ename
+
+
+def exception_problems(cell: nbformat.NotebookNode) -> list[str]:
+  """What is wrong with the stored error (or its absence) of one code cell.
+
+  A cell tagged ``raises-exception`` must start with ``# raises: Name`` and
+  must have stored an error named ``Name``; a cell without the tag must not
+  have stored an error, nor carry the comment.
+  """
+  errors = [o for o in cell.get('outputs', []) if o.get('output_type') == 'error']
+  tagged = 'raises-exception' in cell.get('metadata', {}).get('tags', [])
+  expected = expected_exception(cell)
+  if not tagged:
+    if errors:
+      return [f'stored an error: {errors[0].get("ename")}']
+    if expected:
+      return [f'says `# raises: {expected}` but is not tagged raises-exception']
+    return []
+  if expected is None:
+    return ['is tagged raises-exception but does not start with a comment `# raises: ExceptionName`']
+  if not errors:
+    return [f'is tagged raises-exception (`# raises: {expected}`) but raised nothing']
+  if not exception_matches(expected, errors[0].get('ename')):
+    return [f'should raise {expected} but stored {errors[0].get("ename")}: {errors[0].get("evalue", "")[:200]}']
+  return []
+
+
+# Numbers in prose ------------------------------------------------------------
+#
+# A number in a markdown cell that looks measured (it has decimals, or a unit
+# such as x, %, ms or s follows it) must appear verbatim in a stored output of
+# the same notebook, so that the prose cannot drift from the run it describes.
+# Not measurements, and so not checked: numbers in inline code or code blocks,
+# in $math$, inside quotation marks ("10-100x": someone else's claim), in
+# links, in versions (0.10.2, Flax 0.11), in heading numbers, and numbers that
+# appear in a code cell's source (settings such as a learning rate of 0.1).
+
+_NUMBER = r'(?<![\w.])(\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)(?![\w.]*\d)'
+_UNIT = r'(?:x|×|%|ms|µs|μs|us|ns|s|sec|seconds|min|minutes|[KMG]i?B)(?![\w])'
+MEASURED = re.compile(_NUMBER + r'(?=\s?' + _UNIT + r')|(?<![\w.])(\d+\.\d+(?:[eE][-+]?\d+)?)(?![\w.]*\d)')
+_NOT_PROSE = [
+    re.compile(r'```.*?```', re.S),              # fenced code
+    re.compile(r'`[^`\n]*`'),                    # inline code
+    re.compile(r'\$\$.*?\$\$|\$[^$\n]*\$', re.S),  # math
+    re.compile(r'"[^"\n]*"|“[^”\n]*”'),         # quoted claims
+    re.compile(r'\]\([^)\s]*\)|<https?://[^>]*>|https?://\S+'),  # link targets
+    re.compile(r'^#+\s*[\d.]+', re.M),            # heading numbers
+    re.compile(r'\d+(?:\.\d+){2,}'),              # versions
+    re.compile(r'\b(?:[Ff]lax|JAX|jax|jaxlib|[Oo]ptax|[Oo]rbax|NumPy|numpy|[Pp]ython|versions?)\s+v?\d+(?:\.\d+)*'),
+]
+
+
+def prose_numbers(markdown: str) -> list[str]:
+  """The numbers in ``markdown`` that look measured (see the comment above)."""
+  for pattern in _NOT_PROSE:
+    markdown = pattern.sub(' ', markdown)
+  return [a or b for a, b in MEASURED.findall(markdown)]
+
+
+def output_text(cell: nbformat.NotebookNode) -> str:
+  """All text a code cell stored: streams, text results and error messages."""
+  parts = []
+  for out in cell.get('outputs', []):
+    if out.get('output_type') == 'stream':
+      parts.append(out.get('text', ''))
+    elif out.get('output_type') == 'error':
+      parts.append(f'{out.get("ename", "")}: {out.get("evalue", "")}')
+    else:
+      data = out.get('data', {})
+      parts += [data[m] for m in ('text/plain', 'text/markdown', 'text/html') if m in data]
+  return '\n'.join(p if isinstance(p, str) else ''.join(p) for p in parts)
+
+
+def appears(number: str, text: str) -> bool:
+  """True if ``number`` occurs in ``text`` as a whole number (2.9 is not in 2.96 or 12.9)."""
+  return re.search(r'(?<![\d.])' + re.escape(number) + r'(?![\d]|\.\d)', text) is not None
+
+
+def unmatched_numbers(nb: nbformat.NotebookNode) -> list[str]:
+  """Measured-looking numbers in markdown cells that no stored output contains."""
+  code = [c for c in nb.cells if c.cell_type == 'code']
+  outputs = '\n'.join(output_text(c) for c in code)
+  sources = '\n'.join(c.source for c in code)
+  found = []
+  for index, cell in enumerate(nb.cells):
+    if cell.cell_type != 'markdown':
+      continue
+    for number in prose_numbers(cell.source):
+      if not appears(number, outputs) and not appears(number, sources):
+        found.append(
+            f'cell {index + 1} (markdown) quotes {number}, which no stored output prints: quote '
+            'the stored run, print the number in the form quoted, or mark a quotation with "..."'
+        )
   return found
 
 
