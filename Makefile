@@ -21,10 +21,13 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 # Bound to localhost with token authentication on. Jupyter refuses to run as root unless told to;
-# containers often run as root, so the flag is added only then.
+# containers often run as root, so the flag is added only then. tests/test_browser.py starts this
+# same target on a copy of the notebooks (LAB_DIR) with its own port and token (LAB_FLAGS).
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
+LAB_DIR ?= notebooks
+LAB_FLAGS ?=
 lab: $(STAMP)
-	$(BIN)/jupyter lab --notebook-dir=notebooks --ServerApp.ip=127.0.0.1 --MappingKernelManager.default_kernel_name=flaxtrain $(ALLOW_ROOT)
+	$(BIN)/jupyter lab --notebook-dir="$(LAB_DIR)" --ServerApp.ip=127.0.0.1 --MappingKernelManager.default_kernel_name=flaxtrain $(ALLOW_ROOT) $(LAB_FLAGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

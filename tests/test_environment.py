@@ -1,7 +1,9 @@
 """One pinned environment: pyproject ranges, constraints.txt pins, environment.yml, Makefile, CI."""
 
+import os
 import pathlib
 import re
+import subprocess
 import tomllib
 
 import yaml
@@ -76,3 +78,22 @@ def test_ci_runs_the_readme_test_command():
   ci = [line.strip() for line in (ROOT / '.ci' / 'run').read_text().splitlines()
         if line.strip() and not line.lstrip().startswith('#')]
   assert ci[-1] == 'make test'
+
+
+def test_make_lab_defaults_are_the_documented_ones():
+  """The hooks tests/test_browser.py uses (LAB_DIR, LAB_FLAGS) leave plain `make lab` unchanged."""
+  env = {k: v for k, v in os.environ.items() if k not in ('MAKEFLAGS', 'MFLAGS', 'MAKELEVEL')}  # under `make test`
+  lab = subprocess.run(['make', '-n', '--no-print-directory', '-o', '.venv/.flaxtrain-installed', 'lab'],
+                       cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout.split()
+  assert lab[:2] == ['.venv/bin/jupyter', 'lab']
+  assert set(lab[2:]) - {'--allow-root'} == {
+      '--notebook-dir="notebooks"', '--ServerApp.ip=127.0.0.1', '--MappingKernelManager.default_kernel_name=flaxtrain'}
+
+
+def test_ci_can_run_the_browser_tests():
+  """CI installs Chromium before `make test` when missing; the `browser` marker is registered."""
+  ci = (ROOT / '.ci' / 'run').read_text()
+  install = re.search(r'if ! command -v chromium\b.*?apt-get install -y\b[^\n]*\bchromium\b.*?\nfi\n', ci, re.S)
+  assert install and install.end() <= ci.rindex('make test'), 'CI must install chromium, when missing, before the tests'
+  markers = tomllib.loads((ROOT / 'pyproject.toml').read_text())['tool']['pytest']['ini_options']['markers']
+  assert any(m.startswith('browser:') for m in markers)
