@@ -103,6 +103,22 @@ class History:
     if len(self._pending) >= self.flush_every:
       self.flush()
 
+  def _extend_host_rows(self, steps: Sequence[int], rows: Sequence[dict[str, float]]) -> None:
+    """Appends rows of Python floats already on the host, at increasing ``steps`` (for fit).
+
+    ``fit`` brings a logging interval's metrics to the host itself, as Python
+    floats under the step's own metric names, so the per-row checks and the
+    device transfer of :meth:`record_step` would only repeat work: here only
+    the order of the steps is checked, once per call.
+    """
+    if not steps:
+      return
+    self.flush()
+    last = self._last_step()
+    if (last is not None and steps[0] <= last) or any(b <= a for a, b in zip(steps, steps[1:])):
+      raise ValueError(f'steps: expected increasing steps after the last recorded one ({last}), got {list(steps)[:8]}')
+    self._step_rows.extend({'step': float(step), **row} for step, row in zip(steps, rows))
+
   def _last_step(self) -> int | None:
     if self._pending:
       return self._pending[-1][0]

@@ -650,7 +650,8 @@ class _Run:
     if not self.pending:
       return
     if self.params is None:
-      self.params = nnx.state(self.model, nnx.Param)
+      # The same Variables, whose values the step replaces, until the graph changes: walk it once.
+      self.params = _memoized(self.model, ('params',), lambda: nnx.state(self.model, nnx.Param))
     pending, self.pending = self.pending, []
     fetched, finite_params = jax.device_get(([m.values for _, m, _ in pending], _all_finite(self.params)))
     steps, rows = [], []
@@ -672,8 +673,7 @@ class _Run:
       self.overflow_steps += sum(overflow)
       bad = [(step, row) for step, row, expected in zip(steps, rows, overflow) if _nonfinite(row) and not expected]
       self.epoch_rows.extend(row for row in rows if not _nonfinite(row))  # epoch means count the steps that trained
-    for step, row in zip(steps, rows):
-      self.history.record_step(step, row)
+    self.history._extend_host_rows(steps, rows)  # pylint: disable=protected-access  # Python floats already
     if bad:
       self.nonfinite_steps += len(bad)
       if self.first_nonfinite is None:
@@ -959,7 +959,7 @@ def fit(
     run.bar = progress_bar(epochs * steps_per_epoch, initial=min(run.step, epochs * steps_per_epoch),
                            unit='step', disable=not progress)
     for epoch in range(run.epoch, epochs):
-      run.bar.set_description(f'epoch {epoch + 1}/{epochs}')
+      run.bar.set_description(f'epoch {epoch + 1}/{epochs}', refresh=False)  # drawn at the next update
       index = run.batch if epoch == run.epoch else 0  # the next batch of this epoch
       batches = train_loader.epoch(epoch, index)
       while index < steps_per_epoch:
