@@ -802,10 +802,7 @@ def _same_shapes(batches: list[Mapping[str, Any]]) -> bool:
   return all(spec(batch) == first for batch in batches[1:])
 
 
-@jax.jit
-def _all_finite(tree: Any) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+_all_finite = jax.jit(precision.all_finite)  # one dispatch per log for every parameter
 
 
 def fit(
