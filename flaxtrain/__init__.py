@@ -84,6 +84,8 @@ from flaxtrain.checkpoint import CheckpointInfo
 from flaxtrain.checkpoint import Checkpoints
 from flaxtrain.checkpoint import restore_checkpoint
 from flaxtrain.loop import fit
+# many devices (notebook 10)
+from flaxtrain.parallel import DataParallel
 
 __version__ = '0.1.0'
 
@@ -154,4 +156,6 @@ __all__ = [
     'Checkpoints',
     'restore_checkpoint',
     'fit',
+    # many devices
+    'DataParallel',
 ]

@@ -476,6 +476,13 @@ class Checkpoints:
     checksums are skipped, newest first; ``CheckpointInfo.skipped`` says
     which and why.
 
+    Each array is restored onto the devices and sharding of the array it
+    replaces (orbax restores to the target's sharding), whatever devices
+    wrote it: a checkpoint written on 8 devices restores onto one device,
+    and one written on one device restores onto a mesh once the model was
+    placed there (``ft.DataParallel(...).place(model, optimizer)``; ``fit``
+    with ``parallel=`` places before it resumes).
+
     Args:
       model: a model of the same architecture as the saved one.
       optimizer: if given, its state is restored too.

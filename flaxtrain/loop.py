@@ -57,6 +57,8 @@ from flaxtrain.steps import evaluate
 from flaxtrain.steps import make_eval_step
 from flaxtrain.steps import _make_packed_train_step
 from flaxtrain.steps import stack_batches
+from flaxtrain.parallel import DataParallel
+from flaxtrain.parallel import as_parallel
 from flaxtrain.steps import _snapshot
 from flaxtrain import precision
 
@@ -351,6 +353,29 @@ def _check_data(model: nnx.Module, loss_fn: LossFn, train_loader: Any, val_loade
     _memoized(model, ('mask', loss_fn, _signature(padded)),
               lambda: _check_loss_respects_mask(model, eval_step, padded))
   return names
+
+
+def _check_parallel_loaders(parallel: DataParallel | None, train_loader: Any, val_loader: Any) -> None:
+  """Raises, naming the loader and both numbers, if a batch size does not split over the devices."""
+  if parallel is None:
+    return
+  for name, loader in (('train_loader', train_loader), ('val_loader', val_loader)):
+    batch_size = getattr(loader, 'batch_size', None)
+    if isinstance(batch_size, int) and batch_size % parallel.num_devices:
+      raise ValueError(
+          f'{name}: batch_size {batch_size} is not divisible by the {parallel.num_devices} devices of '
+          f'parallel (mesh axis {parallel.axis!r}); every batch, padded ones included, is split evenly '
+          f'over the devices: use a multiple of {parallel.num_devices}')
+    if isinstance(loader, Sequence):  # a list of batches
+      for index, batch in enumerate(loader):
+        parallel.check_batch(batch, name=f'{name}[{index}]')
+
+
+def _parallel_eval_step(eval_step: Any, parallel: DataParallel) -> Any:
+  """``eval_step`` on batches split over ``parallel``'s devices."""
+  def sharded(model: nnx.Module, batch: Mapping[str, Any]) -> Any:
+    return eval_step(model, parallel.shard_batch(batch))
+  return sharded
 
 
 def _check_best_metric(names: list[str], best_metric: str, has_val: bool) -> None:
@@ -826,6 +851,7 @@ def fit(
     accept_new_hyperparams: bool = False,
     steps_per_dispatch: int = 1,
     loss_scale: precision.DynamicLossScale | None = None,
+    parallel: DataParallel | bool | None = None,
 ) -> History:
   """Trains ``model`` in place for ``epochs`` epochs and returns the History.
 
@@ -901,6 +927,14 @@ def fit(
       0) and counted, not treated as errors, unless the loss itself is not
       finite or the scale is already at its minimum. The scale's state is
       saved in each checkpoint and restored on resume.
+    parallel: train data-parallel on the devices of a
+      :class:`flaxtrain.DataParallel` (True: ``DataParallel()``, all
+      devices): the model and optimizer are placed on its mesh, every
+      training and validation batch is split over its devices (the loaders'
+      batch sizes must be multiples of the device count: checked before
+      training) and the results are those of one device up to float
+      rounding. Checkpoints restore onto the current placement. None (the
+      default): one device.
 
   Returns:
     The :class:`flaxtrain.History` (step and epoch metrics), including what
@@ -935,12 +969,18 @@ def fit(
   _checks.check_int('steps_per_dispatch', steps_per_dispatch)
   # Checks loss_fn and loss_scale (no device work). Its metrics come back packed in
   # one vector per step, so that log() transfers one array per step.
-  train_step = _make_packed_train_step(loss_fn, loss_scale)
+  parallel = as_parallel(parallel)
+  _check_parallel_loaders(parallel, train_loader, val_loader)
+  train_step = _make_packed_train_step(loss_fn, loss_scale, parallel)
   eval_step = _eval_step(loss_fn)  # the mask check compiles it for the validation it runs
+  if parallel is not None:
+    eval_step = _parallel_eval_step(eval_step, parallel)
   aux_names = _check_data(model, loss_fn, train_loader, val_loader, eval_step)
   if checkpoint_dir is not None and best_metric is not None:
     _check_best_metric(aux_names, best_metric, val_loader is not None)
   skip = on_nonfinite == 'skip' or (on_nonfinite is None and _skips_nonfinite(optimizer.opt_state))
+  if parallel is not None:
+    parallel.place(model, optimizer)  # before a resume, which restores onto these placements
   checkpoints = Checkpoints(checkpoint_dir, keep=keep) if checkpoint_dir is not None else None
   run = _Run(model, optimizer, train_loader, checkpoints=checkpoints, best_metric=best_metric,
              best_mode=best_mode, skip_nonfinite=skip, progress=progress)

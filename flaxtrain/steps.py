@@ -51,6 +51,8 @@ from flax import nnx
 
 from flaxtrain import precision
 from flaxtrain.losses import LossFn
+from flaxtrain.parallel import DataParallel
+from flaxtrain.parallel import as_parallel
 from flaxtrain.losses import softmax_cross_entropy_with_integer_labels
 from flaxtrain.metrics import accuracy
 
@@ -423,14 +425,20 @@ def _general(loss_fn: LossFn) -> Callable[..., Any]:
 
 
 def _compiled(loss_fn: LossFn, entry: _Entry, kind: str, unroll: Any, packed: bool = False,
-              ) -> tuple[Callable[..., Any], list[str] | None]:
+              parallel: DataParallel | None = None) -> tuple[Callable[..., Any], list[str] | None]:
   """The fast step over a flat list of arrays, one per loss_fn and structure, and its metric names.
 
   ``kind``: ``'one'`` (a step), ``'many'`` (a scan), ``'abstract'`` (not
   jitted, for tracing). ``packed``:
   the metrics come back as one float32 vector (names filled in at trace time).
+  ``parallel``: the same function, told where its inputs and outputs live
+  (``in_shardings``/``out_shardings``): the arrays at their placement on the
+  mesh, the batch split along the mesh's data axis, the metrics replicated.
   """
-  key = (loss_fn, entry.graphdef, entry.treedef, kind, unroll, packed)
+  shardings = None
+  if parallel is not None and kind != 'abstract':
+    shardings = tuple(parallel.param_sharding(v) for v in map(_read_raw_values, entry.variables))
+  key = (loss_fn, entry.graphdef, entry.treedef, kind, unroll, packed, shardings)
   found = _COMPILED.get(key)
   if found is not None:
     return found
@@ -457,8 +465,13 @@ def _compiled(loss_fn: LossFn, entry: _Entry, kind: str, unroll: Any, packed: bo
 
   if kind == 'abstract':
     fn = one
-  else:
+  elif shardings is None:
     fn = jax.jit(many if kind == 'many' else one, donate_argnums=(0,))
+  else:
+    batch = parallel.stacked_sharding if kind == 'many' else parallel.batch_sharding
+    fn = jax.jit(many if kind == 'many' else one, donate_argnums=(0,),
+                 in_shardings=(list(shardings), batch, parallel.replicated),
+                 out_shardings=(list(shardings), parallel.replicated, parallel.replicated))
   if len(_COMPILED) >= _COMPILED_SIZE:
     _COMPILED.pop(next(iter(_COMPILED)))  # the oldest
   _COMPILED[key] = fn, names
@@ -486,11 +499,18 @@ class _Packed:
 class TrainStep:
   """The train step that :func:`make_train_step` returns; see there."""
 
-  def __init__(self, loss_fn: LossFn, loss_scale: Any, *, packed: bool = False):
+  def __init__(self, loss_fn: LossFn, loss_scale: Any, *, packed: bool = False,
+               parallel: DataParallel | None = None):
     self.loss_fn = loss_fn
     self._loss_scale = loss_scale
     self._packed = packed  # fit's steps return Packed metrics
-    self._one_key = (loss_fn, 'one', None, packed)  # _function's key of the single step
+    self._parallel = parallel  # a DataParallel: batches split over its mesh, arrays placed on it
+    self._one_key = (loss_fn, 'one', None, packed, parallel)  # _function's key of the single step
+
+  @property
+  def parallel(self) -> DataParallel | None:
+    """The :class:`flaxtrain.DataParallel` this step trains with, or None (one device)."""
+    return self._parallel
 
   @property
   def loss_scale(self) -> Any:
@@ -507,10 +527,13 @@ class TrainStep:
     self._loss_scale = value
 
   def _function(self, entry: _Entry, kind: str, unroll: Any = None) -> tuple[Callable[..., Any], Any]:
-    key = (self.loss_fn, kind, unroll, self._packed)
+    key = (self.loss_fn, kind, unroll, self._packed, self._parallel)
     found = entry.fns.get(key)  # hashing a graphdef is slow: look up by entry first
     if found is None:
-      found = entry.fns[key] = _compiled(self.loss_fn, entry, kind, unroll, self._packed)
+      if self._parallel is not None:  # first use of this pair with this placement: put it on the mesh
+        _write_raw_values(entry.variables,
+                          self._parallel._place_arrays(list(map(_read_raw_values, entry.variables))))
+      found = entry.fns[key] = _compiled(self.loss_fn, entry, kind, unroll, self._packed, self._parallel)
     return found
 
   def _apply(self, fn: Callable[..., Any], entry: _Entry, leaves: list[Any], batch: Any) -> Any:
@@ -544,6 +567,8 @@ class TrainStep:
     """
     fn, names = self._function(entry, 'one')
     singles = _unstack(batches, steps)
+    if self._parallel is not None:
+      singles = [self._parallel._for_jit(batch) for batch in singles]
     leaves, rows, loss_scale = _donatable(entry), [], self._loss_scale
     try:
       for batch in singles:
@@ -574,6 +599,8 @@ class TrainStep:
     entry = _ENTRIES.get((id(model), id(optimizer)))
     if entry is None or batch is _MISSING or not entry.current(model, optimizer):
       entry = _entry(model, optimizer, batch)
+    if self._parallel is not None:  # checked; split over the devices by the compiled step's in_shardings
+      batch = self._parallel._for_jit(batch)
     if entry.fast and self.loss_fn not in entry.slow:
       found = entry.fns.get(self._one_key)
       fn, names = found if found is not None else self._function(entry, 'one')
@@ -586,6 +613,8 @@ class TrainStep:
           _write_raw_values(entry.variables, new)
           self._loss_scale = loss_scale
           return metrics if names is None else _Packed(names, metrics)
+    if self._parallel is not None:  # nnx.jit places nothing itself: give it the global arrays
+      batch = self._parallel.shard_batch(batch)
     metrics, self._loss_scale = _general(self.loss_fn)(model, optimizer, batch, self._loss_scale)
     return _Packed(sorted(metrics), _pack_jit(metrics)) if self._packed else metrics
 
@@ -597,10 +626,12 @@ class TrainStep:
     outputs write over instead of holding a second copy of.
     """
     entry = _entry(model, optimizer, batch)
+    if self._parallel is not None:
+      batch = self._parallel.shard_batch(batch)
     if not entry.fast or self.loss_fn in entry.slow:
       return _general(self.loss_fn).lower(model, optimizer, batch, self._loss_scale)
-    leaves = list(map(_read_raw_values, entry.variables))
-    return _compiled(self.loss_fn, entry, 'one', None)[0].lower(leaves, batch, self._loss_scale)
+    fn = self._function(entry, 'one')[0]  # with parallel, places the arrays first
+    return fn.lower(list(map(_read_raw_values, entry.variables)), batch, self._loss_scale)
 
   def many(self, model: nnx.Module, optimizer: nnx.Optimizer, batches: Batch, *,
            mode: Literal['auto', 'scan', 'unroll', 'loop'] = 'auto') -> dict[str, jax.Array]:
@@ -613,9 +644,13 @@ class TrainStep:
     steps = _check_stacked('batches', batches)
     if mode not in _MANY_MODES:
       raise ValueError(f'mode: expected one of {_MANY_MODES}, got {mode!r}')
+    if self._parallel is not None:
+      self._parallel.check_batch(batches, stacked=True, name='batches')
     entry = _entry(model, optimizer, batches)
     if mode == 'auto':
       mode = self.many_mode(model, optimizer, batches)
+    if self._parallel is not None and mode != 'loop':  # 'loop' splits them on the host first
+      batches = self._parallel._for_jit(batches, stacked=True)
     if entry.fast and self.loss_fn not in entry.slow:
       if mode == 'loop':
         metrics = self._fast_loop(entry, batches, steps)
@@ -740,13 +775,14 @@ def stack_batches(batches: Sequence[Batch]) -> dict[str, Any]:
   return {key: stack([batch[key] for batch in batches]) for key in spec}
 
 
-def _make_packed_train_step(loss_fn: LossFn, loss_scale: Any) -> TrainStep:
+def _make_packed_train_step(loss_fn: LossFn, loss_scale: Any, parallel: Any = None) -> TrainStep:
   """``make_train_step``'s step, returning :class:`_Packed` metrics (for ``fit``: one transfer a step)."""
-  step = make_train_step(loss_fn, loss_scale=loss_scale)  # checks the arguments
-  return TrainStep(step.loss_fn, step.loss_scale, packed=True)
+  step = make_train_step(loss_fn, loss_scale=loss_scale, parallel=parallel)  # checks the arguments
+  return TrainStep(step.loss_fn, step.loss_scale, packed=True, parallel=step.parallel)
 
 
-def make_train_step(loss_fn: LossFn = classification_loss, *, loss_scale: Any = None) -> TrainStep:
+def make_train_step(loss_fn: LossFn = classification_loss, *, loss_scale: Any = None,
+                    parallel: DataParallel | bool | None = None) -> TrainStep:
   """Returns ``train_step(model, optimizer, batch) -> metrics``, compiled.
 
   The step updates ``model`` and ``optimizer`` in place, so both are current
@@ -784,6 +820,16 @@ def make_train_step(loss_fn: LossFn = classification_loss, *, loss_scale: Any = 
   fully unrolled: no loop, but compile time grows with ``K``) can be asked
   for; ``train_step.many_mode(model, optimizer, batches)`` tells the choice.
 
+  Many devices: with ``parallel=ft.DataParallel()`` the same step trains
+  data-parallel on a device mesh. On its first call with a (model,
+  optimizer) pair it places their arrays on the mesh (replicated, or split
+  with ``params='sharded'``); each call splits the batch over the devices
+  (one ``jax.device_put`` from the host; its batch size must be a multiple
+  of the device count) and runs the compiled step, told those placements,
+  on all devices at once. The loss and gradients are those of the whole
+  (global) batch: the results match one device's up to float rounding.
+  ``many`` splits each stacked batch the same way.
+
   Args:
     loss_fn: ``loss_fn(model, batch) -> (loss, aux)``: a scalar loss and a
       dict of scalar metrics; the model and the batch are arguments, never
@@ -794,6 +840,9 @@ def make_train_step(loss_fn: LossFn = classification_loss, *, loss_scale: Any = 
       leaves the parameters and the optimizer state unchanged (RNG streams
       still advance) and lowers the scale. The current state is
       ``train_step.loss_scale``. ``loss`` and ``grad_norm`` are unscaled.
+    parallel: a :class:`flaxtrain.DataParallel` to train data-parallel on its
+      devices, True for ``DataParallel()`` (all devices), or None (the
+      default: one device, as without it).
 
   Returns:
     The step, a callable ``TrainStep``. Besides ``many`` and ``many_mode``:
@@ -810,7 +859,7 @@ def make_train_step(loss_fn: LossFn = classification_loss, *, loss_scale: Any = 
   _check_loss_fn(loss_fn)
   if loss_scale is not None:
     precision._check_loss_scale(loss_scale)
-  return TrainStep(loss_fn, loss_scale)
+  return TrainStep(loss_fn, loss_scale, parallel=as_parallel(parallel))
 
 
 def eval_view(model: nnx.Module) -> nnx.Module:
@@ -823,17 +872,22 @@ def eval_view(model: nnx.Module) -> nnx.Module:
   return nnx.view(model, deterministic=True, use_running_average=True, raise_if_not_found=False)
 
 
-def make_eval_step(loss_fn: LossFn = classification_loss) -> Callable[..., dict[str, jax.Array]]:
+def make_eval_step(loss_fn: LossFn = classification_loss, *,
+                   parallel: DataParallel | bool | None = None) -> Callable[..., dict[str, jax.Array]]:
   """Returns ``eval_step(model, batch) -> metrics``, jitted, in evaluation mode.
 
   Args:
     loss_fn: the same ``loss_fn(model, batch) -> (loss, aux)`` as training.
+    parallel: a :class:`flaxtrain.DataParallel` (or True for all devices):
+      each batch is split over its devices (its size must be a multiple of
+      the device count, padded batches included); None: one device.
 
   Returns:
     A function that leaves ``model`` unchanged and returns ``loss``, the keys
     of ``aux`` and ``count`` (the sum of ``batch['mask']``, or the batch size).
   """
   _check_loss_fn(loss_fn)
+  parallel = as_parallel(parallel)
 
   @nnx.jit
   def eval_step(model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
@@ -845,13 +899,22 @@ def make_eval_step(loss_fn: LossFn = classification_loss) -> Callable[..., dict[
       count = jnp.float32(len(jax.tree.leaves(batch)[0]))
     return {'loss': loss, **aux, 'count': count}
 
-  return eval_step
+  if parallel is None:
+    return eval_step
+
+  def parallel_eval_step(model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
+    return eval_step(model, parallel.shard_batch(batch))
+
+  parallel_eval_step.parallel = parallel
+  return parallel_eval_step
 
 
 def evaluate(
     eval_step: Callable[..., Mapping[str, jax.Array]],
     model: nnx.Module,
     batches: Iterable[Batch],
+    *,
+    parallel: DataParallel | bool | None = None,
 ) -> dict[str, float]:
   """Runs ``eval_step`` over ``batches`` and averages, weighting by ``count``.
 
@@ -862,6 +925,9 @@ def evaluate(
     eval_step: from :func:`make_eval_step`.
     model: the model to evaluate.
     batches: an iterable of batches (padded batches carry a ``mask``).
+    parallel: a :class:`flaxtrain.DataParallel` (or True for all devices) to
+      split each batch over; None leaves the batches as they are (an
+      ``eval_step`` made with ``parallel=`` splits them itself).
 
   Returns:
     ``{name: mean}`` as Python floats, plus ``count``, the examples seen.
@@ -874,6 +940,9 @@ def evaluate(
   Raises:
     ValueError: if ``batches`` is empty.
   """
+  parallel = as_parallel(parallel)
+  if parallel is not None:
+    batches = map(parallel.shard_batch, batches)
   results = [eval_step(model, batch) for batch in batches]
   if not results:
     raise ValueError('batches: expected at least one batch, got an empty iterable')

@@ -32,6 +32,8 @@ EXPECTED = {
     # checkpoint and loop
     'CheckpointError', 'CheckpointInfo', 'Checkpoints', 'restore_checkpoint', 'fit',
     'LivePlot', 'LRFinderResult', 'find_learning_rate', 'plot_lr_finder',
+    # many devices
+    'DataParallel',
 }
 
 MODULES = {'debug'}  # exported modules; their own __all__ is pinned below
