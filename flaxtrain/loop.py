@@ -480,7 +480,7 @@ class _Run:
     self.first_nonfinite: int | None = None
     self.pending: list[tuple[int, Any, int]] = []  # (first step, Packed metrics, stacked steps or 0)
     self.train_step: Any = None  # set by fit(); holds the loss-scale state
-    self.params: Any = None  # nnx.state(model, nnx.Param), taken once: its Variables stay current
+    self.params: list[nnx.Variable] | None = None  # the model's Param Variables, collected once
     self.overflow_steps = 0  # steps skipped by loss scaling (expected, not errors)
     self.epoch_rows: list[dict[str, float]] = []
     self.bar = None
@@ -675,10 +675,12 @@ class _Run:
     if not self.pending:
       return
     if self.params is None:
-      # The same Variables, whose values the step replaces, until the graph changes: walk it once.
-      self.params = _memoized(self.model, ('params',), lambda: nnx.state(self.model, nnx.Param))
+      # The same Variables, whose arrays the step replaces, until the graph changes: walk it once.
+      self.params = _memoized(self.model, ('params',), lambda: jax.tree.leaves(
+          nnx.state(self.model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable)))
     pending, self.pending = self.pending, []
-    fetched, finite_params = jax.device_get(([m.values for _, m, _ in pending], _all_finite(self.params)))
+    fetched, finite_values, finite_params = _fetch(
+        [m.values for _, m, _ in pending], [variable.get_raw_value() for variable in self.params])
     steps, rows = [], []
     for (first, packed, stacked), values in zip(pending, fetched):
       names = packed.names
@@ -690,7 +692,7 @@ class _Run:
         rows.append(dict(zip(names, values.tolist())))
     if self.bar is not None:
       self.bar.update(len(steps))  # here, not per step: the step loop stays free of Python work
-    if all(np.isfinite(values).all() for values in fetched):  # the common case: no per-row checks
+    if finite_values:  # the common case: no per-row checks
       bad = []
       self.epoch_rows.extend(rows)
     else:
@@ -764,7 +766,8 @@ class _Run:
     self.postfix.update({k.replace('accuracy', 'acc'): f'{v:.4f}' for k, v in metrics.items()
                          if k in ('val_loss', 'val_accuracy')})
     if self.bar is not None:
-      self.bar.set_postfix(self.postfix, refresh=True)
+      self.bar.set_postfix(self.postfix, refresh=False)
+      self.bar.update(0)  # redraws with the epoch's metrics, unless it was drawn under 0.1 s ago
     if self.live is not None:
       self.live.update(self.history, force=True)
     self.save(epoch + 1, 0, metrics)
@@ -827,7 +830,37 @@ def _same_shapes(batches: list[Mapping[str, Any]]) -> bool:
   return all(spec(batch) == first for batch in batches[1:])
 
 
-_all_finite = jax.jit(precision.all_finite)  # one dispatch per log for every parameter
+@jax.jit
+def _gather(groups: list[list[jax.Array]], params: list[jax.Array]) -> tuple[list[jax.Array], jax.Array]:
+  """Each group of same-shaped metric arrays stacked into one, and whether ``params`` are all finite."""
+  return [jnp.stack(group) for group in groups], precision.all_finite(params)
+
+
+def _fetch(values: list[jax.Array], params: list[jax.Array]) -> tuple[list[np.ndarray], bool, bool]:
+  """``values`` on the host, whether they are all finite, and whether ``params`` are.
+
+  One dispatch and one transfer, whatever the number of pending steps:
+  bringing each step's metrics over on its own costs a few microseconds of
+  Python apiece, as much as a tiny model's step. They are stacked on the
+  device instead, in groups of one shape, each padded (with copies of its
+  last array) to a power-of-two length, so that the gather compiles once per
+  length bucket rather than once per number of pending steps.
+  """
+  by_shape: dict[tuple[int, ...], list[int]] = {}
+  for i, value in enumerate(values):
+    by_shape.setdefault(value.shape, []).append(i)
+  groups = []
+  for indices in by_shape.values():
+    group = [values[i] for i in indices]
+    groups.append(group + group[-1:] * ((1 << (len(group) - 1).bit_length()) - len(group)))
+  stacked, finite_params = jax.device_get(_gather(groups, params))
+  fetched: list[Any] = [None] * len(values)
+  finite_values = True
+  for indices, host in zip(by_shape.values(), stacked):
+    finite_values = finite_values and bool(np.isfinite(host).all())  # the padding repeats real rows
+    for row, i in enumerate(indices):
+      fetched[i] = host[row]
+  return fetched, finite_values, bool(finite_params)
 
 
 def fit(
@@ -1008,6 +1041,13 @@ def fit(
           else:  # a ragged batch from a custom loader: one step each, nothing recompiled
             for batch in chunk:
               run.record(train_step(model, optimizer, batch))
+        elif steps_per_dispatch == 1:  # single steps up to the next log, checkpoint or the epoch's end
+          stacked = min(steps_per_epoch - index, log_every - run.step % log_every,
+                        checkpoint_every - run.step % checkpoint_every if checkpoint_every else steps_per_epoch)
+          pending = run.pending
+          for _ in range(stacked):  # run.record() inlined: a tiny model's step is only tens of microseconds
+            pending.append((run.step, train_step(model, optimizer, next(batches)), 0))
+            run.step += 1
         else:
           run.record(train_step(model, optimizer, next(batches)))
         index += stacked

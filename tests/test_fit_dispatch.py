@@ -118,3 +118,19 @@ def test_a_non_finite_loss_under_loss_scaling_still_raises(digits):
   with pytest.raises(FloatingPointError, match='at step 0'):
     ft.fit(model, optimizer, ft.DataLoader(digits, 16), epochs=1, loss_fn=nan_loss, progress=False,
            best_metric=None, loss_scale=ft.dynamic_loss_scale())
+
+
+def test_fit_brings_pending_metrics_over_in_order_and_checks_every_array():
+  from flaxtrain.loop import _fetch  # log()'s one transfer: grouped by shape, padded to a power of two
+  singles = [jnp.array([i, i + 0.5], jnp.float32) for i in range(5)]  # 5 -> padded to 8
+  stacks = [jnp.full((3, 2), 10.0 + i, jnp.float32) for i in range(2)]  # train_step.many's (K, names)
+  values = [singles[0], stacks[0], singles[1], singles[2], stacks[1], singles[3], singles[4]]
+  params = [jnp.ones((2, 3)), jnp.zeros(4)]
+  fetched, finite_values, finite_params = _fetch(values, params)
+  assert len(fetched) == len(values)
+  for got, want in zip(fetched, values):
+    np.testing.assert_array_equal(got, np.asarray(want))
+  assert finite_values and finite_params
+  with_nan = values[:3] + [jnp.array([0.0, jnp.nan])] + values[4:]
+  assert _fetch(with_nan, params)[1:] == (False, True)
+  assert _fetch(values, params + [jnp.array([1.0, jnp.inf])])[1:] == (True, False)
