@@ -68,6 +68,9 @@ from flaxtrain.precision import unscale_grads
 # debugging tools, used as ft.debug.grad_norms etc. (notebook 07)
 from flaxtrain import debug
 
+# interactive explorers, used as ft.widgets.schedule_explorer() etc. (notebooks 03, 04, 05)
+from flaxtrain import widgets
+
 # text for a character-level language model (notebook 11)
 from flaxtrain.text import CharVocab
 from flaxtrain.text import TextLoader
@@ -141,6 +144,8 @@ __all__ = [
     'unscale_grads',
     # debugging (a module: ft.debug.<name>, its own __all__)
     'debug',
+    # explorers (a module: ft.widgets.<name>, its own __all__)
+    'widgets',
     # text
     'CharVocab',
     'TextLoader',

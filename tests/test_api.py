@@ -29,6 +29,8 @@ EXPECTED = {
     'param_bytes', 'scale_loss', 'unscale_grads',
     # debugging: a module, used as ft.debug.<name>
     'debug',
+    # explorers: a module, used as ft.widgets.<name>
+    'widgets',
     # checkpoint and loop
     'CheckpointError', 'CheckpointInfo', 'Checkpoints', 'restore_checkpoint', 'fit',
     'LivePlot', 'LRFinderResult', 'find_learning_rate', 'plot_lr_finder',
@@ -36,7 +38,7 @@ EXPECTED = {
     'DataParallel',
 }
 
-MODULES = {'debug'}  # exported modules; their own __all__ is pinned below
+MODULES = {'debug', 'widgets'}  # exported modules; their own __all__ is pinned below
 
 DEBUG = {
     'grad_norms', 'NonFinite', 'find_nonfinite', 'check_finite', 'layer_outputs', 'dead_relu_fraction',
@@ -67,3 +69,12 @@ def test_debug_module_is_pinned_and_documented():
   assert set(flaxtrain.debug.__all__) == DEBUG
   for name in DEBUG:
     assert getattr(flaxtrain.debug, name).__doc__.strip(), f'debug.{name} has no docstring'
+
+
+WIDGETS = {'schedule_explorer', 'clipping_explorer', 'optimizer_explorer'}
+
+
+def test_widgets_module_is_pinned_and_documented():
+  assert set(flaxtrain.widgets.__all__) == WIDGETS
+  for name in WIDGETS:
+    assert getattr(flaxtrain.widgets, name).__doc__.strip(), f'widgets.{name} has no docstring'

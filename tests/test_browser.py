@@ -10,6 +10,7 @@ import contextlib
 import os
 import pathlib
 import re
+import time
 import tomllib
 
 import nbformat
@@ -197,6 +198,60 @@ def test_stored_notebook_as_a_reader_sees_it(page, lab, screenshots, name):
     if cell.cell_type == 'code' and jl.has_progress(cell):
       jl.screenshot(page, i, screenshots / f'{stem}-stored-progress-cell{i:02d}.png')
   assert_progress_final(shown, nb, f'{name} as stored')
+
+
+EXPLORER = '03_optimizers.ipynb'  # its explorer cell needs only the first code cell before it
+
+# The image of the first explorer on the page, as bytes (base64), and the text of its values.
+EXPLORER_JS = """async (cell) => {
+  const img = cell.querySelector('.jp-OutputArea-output .widget-image');
+  const bytes = new Uint8Array(await (await fetch(img.src)).arrayBuffer());
+  let text = '';
+  for (const b of bytes) text += String.fromCharCode(b);
+  return {src: img.src, png: btoa(text), values: cell.querySelector('.widget-html pre').textContent};
+}"""
+
+
+def test_explorer_redraws_when_a_slider_moves(page, lab, screenshots):
+  """An explorer run in JupyterLab is a live widget, shown once: a key on a slider redraws it."""
+  nb = notebook(lab, EXPLORER)
+  explorer = next(i for i, c in enumerate(nb.cells)
+                  if c.cell_type == 'code' and 'ft.widgets.optimizer_explorer(' in c.source)
+  first = next(i for i, c in enumerate(nb.cells) if c.cell_type == 'code')
+  assert jl.stored_images(nb.cells[explorer]) == 1, 'the stored notebook keeps a static image of the explorer'
+  jl.open_notebook(page, lab, EXPLORER, len(nb.cells))
+  jl.menu(page, 'Edit', 'Clear Outputs of All Cells')
+  for i in (first, explorer):
+    page.locator(f'{jl.PANEL} .jp-Notebook .jp-Cell').nth(i).locator('.cm-content').click()
+    page.keyboard.press('Control+Enter')
+  jl.wait_for_idle(page, lab, EXPLORER, executed=[first, explorer], timeout=RUN_TIMEOUT)
+  cell = page.locator(f'{jl.PANEL} .jp-Notebook .jp-Cell').nth(explorer)
+  cell.locator('.widget-image').wait_for(timeout=60_000)
+  shown = jl.cells(page)[explorer]
+  assert len(shown['outputs']) == 1 and 'SGD rate' in shown['outputs'][0]['text'], shown['outputs']  # the widget
+  assert len(shown['images']) == 1, f'the live explorer shows {len(shown["images"])} images, not one'
+  before = cell.evaluate(EXPLORER_JS)
+  assert before['png'] and 'SGD ' in before['values']
+  jl.screenshot(page, explorer, screenshots / 'explorer-before.png')
+
+  slider = cell.locator('.widget-slider', has_text='SGD rate')
+  rate_before = slider.locator('.widget-readout').inner_text()
+  slider.locator('.noUi-handle').focus()
+  for _ in range(4):
+    page.keyboard.press('ArrowRight')
+  deadline = time.monotonic() + 60
+  while (after := cell.evaluate(EXPLORER_JS))['src'] == before['src'] or after['values'] == before['values']:
+    assert time.monotonic() < deadline, f'no redraw within 60 s of moving the slider: {after["values"]}'
+    time.sleep(0.5)
+  jl.wait_for_idle(page, lab, EXPLORER, executed=[first, explorer], timeout=60)
+  after = cell.evaluate(EXPLORER_JS)
+  jl.screenshot(page, explorer, screenshots / 'explorer-after.png')
+  assert after['png'] != before['png'], 'the figure did not change when the slider moved'
+  sgd = [line for line in after['values'].splitlines() if line.startswith('SGD ')]
+  assert sgd and sgd != [line for line in before['values'].splitlines() if line.startswith('SGD ')], (
+      f"the SGD values did not change:\n{before['values']}\n->\n{after['values']}")
+  assert float(slider.locator('.widget-readout').inner_text()) > float(rate_before)
+  assert not cell.locator('.widget-html span').count(), 'the explorer shows a message after a valid move'
 
 
 # The checks themselves, on text a page can show (no browser needed).
