@@ -90,6 +90,9 @@ from flaxtrain.loop import fit
 # many devices (notebook 10)
 from flaxtrain.parallel import DataParallel
 
+# exercises at the end of notebooks 01-12, used as ft.exercises.check('04.1', answer)
+from flaxtrain import exercises
+
 __version__ = '0.1.0'
 
 __all__ = [
@@ -163,4 +166,6 @@ __all__ = [
     'fit',
     # many devices
     'DataParallel',
+    # exercises (a module: ft.exercises.check etc., its own __all__)
+    'exercises',
 ]

@@ -36,9 +36,11 @@ EXPECTED = {
     'LivePlot', 'LRFinderResult', 'find_learning_rate', 'plot_lr_finder',
     # many devices
     'DataParallel',
+    # exercises: a module, used as ft.exercises.check(...)
+    'exercises',
 }
 
-MODULES = {'debug', 'widgets'}  # exported modules; their own __all__ is pinned below
+MODULES = {'debug', 'widgets', 'exercises'}  # exported modules; their own __all__ is pinned below
 
 DEBUG = {
     'grad_norms', 'NonFinite', 'find_nonfinite', 'check_finite', 'layer_outputs', 'dead_relu_fraction',
@@ -78,3 +80,12 @@ def test_widgets_module_is_pinned_and_documented():
   assert set(flaxtrain.widgets.__all__) == WIDGETS
   for name in WIDGETS:
     assert getattr(flaxtrain.widgets, name).__doc__.strip(), f'widgets.{name} has no docstring'
+
+
+EXERCISES = {'Result', 'check', 'ids', 'solution', 'solutions'}
+
+
+def test_exercises_module_is_pinned_and_documented():
+  assert set(flaxtrain.exercises.__all__) == EXERCISES
+  for name in EXERCISES:
+    assert getattr(flaxtrain.exercises, name).__doc__.strip(), f'exercises.{name} has no docstring'
