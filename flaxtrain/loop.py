@@ -1001,7 +1001,7 @@ def fit(
   _check_checkpoint_arguments(checkpoint_dir, keep, resume, accept_new_hyperparams)
   _checks.check_int('steps_per_dispatch', steps_per_dispatch)
   # Checks loss_fn and loss_scale (no device work). Its metrics come back packed in
-  # one vector per step, so that log() transfers one array per step.
+  # one vector per step, which log() stacks on the device and transfers once per log.
   parallel = as_parallel(parallel)
   _check_parallel_loaders(parallel, train_loader, val_loader)
   train_step = _make_packed_train_step(loss_fn, loss_scale, parallel)
