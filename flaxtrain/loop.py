@@ -56,6 +56,7 @@ from flaxtrain.steps import eval_view
 from flaxtrain.steps import evaluate
 from flaxtrain.steps import make_eval_step
 from flaxtrain.steps import _make_packed_train_step
+from flaxtrain.steps import _split_batches
 from flaxtrain.steps import stack_batches
 from flaxtrain.parallel import DataParallel
 from flaxtrain.parallel import as_parallel
@@ -369,13 +370,6 @@ def _check_parallel_loaders(parallel: DataParallel | None, train_loader: Any, va
     if isinstance(loader, Sequence):  # a list of batches
       for index, batch in enumerate(loader):
         parallel.check_batch(batch, name=f'{name}[{index}]')
-
-
-def _parallel_eval_step(eval_step: Any, parallel: DataParallel) -> Any:
-  """``eval_step`` on batches split over ``parallel``'s devices."""
-  def sharded(model: nnx.Module, batch: Mapping[str, Any]) -> Any:
-    return eval_step(model, parallel.shard_batch(batch))
-  return sharded
 
 
 def _check_best_metric(names: list[str], best_metric: str, has_val: bool) -> None:
@@ -1007,7 +1001,7 @@ def fit(
   train_step = _make_packed_train_step(loss_fn, loss_scale, parallel)
   eval_step = _eval_step(loss_fn)  # the mask check compiles it for the validation it runs
   if parallel is not None:
-    eval_step = _parallel_eval_step(eval_step, parallel)
+    eval_step = _split_batches(eval_step, parallel)
   aux_names = _check_data(model, loss_fn, train_loader, val_loader, eval_step)
   if checkpoint_dir is not None and best_metric is not None:
     _check_best_metric(aux_names, best_metric, val_loader is not None)

@@ -899,9 +899,11 @@ def make_eval_step(loss_fn: LossFn = classification_loss, *,
       count = jnp.float32(len(jax.tree.leaves(batch)[0]))
     return {'loss': loss, **aux, 'count': count}
 
-  if parallel is None:
-    return eval_step
+  return eval_step if parallel is None else _split_batches(eval_step, parallel)
 
+
+def _split_batches(eval_step: Callable[..., Any], parallel: DataParallel) -> Callable[..., Any]:
+  """``eval_step`` on batches split over ``parallel``'s devices (also fit's cached eval step)."""
   def parallel_eval_step(model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
     return eval_step(model, parallel.shard_batch(batch))
 
