@@ -16,7 +16,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "flaxtrain needs Python 3.11 or newer; $(PYTHON) is %d.%d" % sys.version_info[:2])'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[notebooks,test]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[notebooks,test,docs]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name flaxtrain --display-name "Python (flaxtrain)" >/dev/null
 	@touch $(STAMP)
 
