@@ -15,39 +15,56 @@ A checkpoint directory looks like this::
       latest/<step>/   model/  optimizer/  metadata/  checksums/
       best/<step>/     ...                            # the best one so far
       history/         *.jsonl                        # fit(): the history, append-only
-      set_aside/       latest-<step>/                 # fit(): checkpoints that failed to verify
+      set_aside/       latest-<step>/  best-<step>/   # checkpoints that failed to verify or were abandoned
 
 Nothing is trusted or lost silently:
 
 * **Checksums.** Every saved array (and the metadata) has a SHA-256 checksum
   recorded at save time and verified on restore; a mismatch names the array.
-* **Several latest checkpoints.** The last ``keep`` are kept; restoring the
-  latest tries them newest first and reports the ones it skipped, and why.
-* **One writer.** Saving takes an OS-level lock (``fcntl.flock``) on
-  ``.lock`` and holds it until :meth:`Checkpoints.close`; the OS releases it
-  when the process dies, even by ``kill -9``. A second writer fails at once.
+* **Several latest checkpoints.** The last ``keep`` are kept (orbax's
+  ``LatestN`` preservation policy); restoring the latest tries them newest
+  first, and warns for each one it skips, saying why.
+* **The best is a copy of its own.** ``best/<step>`` is written separately
+  from ``latest/<step>``, so it survives a corrupt or set-aside latest
+  checkpoint of the same step.
+* **One writer.** Saving takes an OS-level lock on ``.lock`` (``fcntl.flock``
+  on Linux and macOS, ``msvcrt.locking`` on Windows) and holds it until
+  :meth:`Checkpoints.close`; the OS releases it when the process dies, even by
+  ``kill -9``. A second writer fails at once.
 * **Only its own checkpoints are deleted.** A :class:`Checkpoints` deletes
   (when rotating) only checkpoints it wrote or was told to :meth:`adopt`.
 * **Atomic writes.** orbax writes a step into ``<step>.orbax-checkpoint-tmp-*``
   and renames it to ``<step>`` only once every file is complete. A crash
   mid-write leaves a temporary directory, which is ignored, and removed by the
   next writer.
+* **Nothing is moved silently.** A checkpoint is never overwritten: one that
+  is in the way (it failed to verify, or it belongs to a timeline a resumed
+  run abandoned) is moved to ``set_aside/`` with a ``RuntimeWarning``.
+* **Ctrl-C waits for a save.** An interrupt that arrives while orbax writes
+  or reads is held until it is done, then raised: no half-started orbax
+  thread keeps the process from exiting.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import errno
-import fcntl
 import hashlib
 import json
+import logging
 import os
 import pathlib
+import re
 import shutil
+import signal
 import socket
 import tempfile
-from collections.abc import Mapping
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import jax
@@ -58,14 +75,23 @@ from flax import nnx
 
 from flaxtrain import _checks
 
+try:  # Linux and macOS
+  import fcntl
+except ImportError:  # Windows
+  fcntl = None
+  import msvcrt  # pylint: disable=import-error
+
 __all__ = ['CheckpointError', 'CheckpointInfo', 'Checkpoints', 'restore_checkpoint']
 
 _KINDS = ('latest', 'best')
 _LOCK = '.lock'
+_TEMPORARY = '.orbax-checkpoint-tmp'  # orbax's on-disk name for a step still being written
+_HISTORY_FILE = re.compile(r'history/[0-9a-f]{32}\.jsonl')  # the files HistoryLog writes
+_READ_ATTEMPTS = 5  # restores that lose a race with a rotating writer are retried this often
 
 
 class CheckpointError(RuntimeError):
-  """A checkpoint directory cannot be written: it is in use, read-only, or a save failed.
+  """A checkpoint directory cannot be used: it is in use, read-only, a save failed, or it changed while read.
 
   When raised by :func:`flaxtrain.fit`, ``error.history`` holds the
   :class:`flaxtrain.History` recorded so far, and ``error.__cause__`` the
@@ -84,7 +110,7 @@ class CheckpointInfo:
     path: its directory.
     metadata: the JSON ``metadata`` dict given to :meth:`Checkpoints.save`.
     skipped: ``(step, reason)`` for each newer checkpoint that failed to
-      verify and was skipped.
+      verify (or was refused by ``verify``) and was skipped.
   """
 
   step: int
@@ -102,13 +128,17 @@ class _Unusable(ValueError):
   """A checkpoint that cannot be read or fails its checksums: restore may skip it."""
 
 
+class _Vanished(Exception):
+  """A checkpoint deleted (by a rotating writer) while it was being read."""
+
+
 def _pure_state(node: nnx.Module | nnx.Optimizer) -> dict[str, Any]:
   """The whole state of a model or optimizer as nested dicts of arrays."""
   return nnx.to_pure_dict(nnx.state(node))
 
 
 def _key(path: tuple[Any, ...]) -> str:
-  return '/'.join(str(getattr(p, 'key', getattr(p, 'idx', p))) for p in path)
+  return jax.tree_util.keystr(path, simple=True, separator='/')
 
 
 def _spec(x: Any) -> tuple[tuple[int, ...], str]:
@@ -164,7 +194,17 @@ def _check_compatible(name: str, target: Any, stored: Any, path: pathlib.Path) -
       )
 
 
-def _unreadable(path: pathlib.Path, error: BaseException) -> _Unusable:
+def _gone(path: pathlib.Path) -> bool:
+  """Whether ``path`` was deleted, or is being deleted: a rotating writer's rmtree takes a moment."""
+  if not path.exists():
+    return True
+  time.sleep(0.05)
+  return not path.exists()
+
+
+def _unreadable(path: pathlib.Path, error: BaseException) -> _Unusable | _Vanished:
+  if _gone(path):
+    return _Vanished(str(path))
   message = str(error).strip().splitlines()[0] if str(error).strip() else ''
   return _Unusable(
       f'cannot read the checkpoint at {path} ({type(error).__name__}: {message:.300}); '
@@ -193,8 +233,74 @@ def _verify(path: pathlib.Path, restored: Mapping[str, Any], names: list[str]) -
         )
 
 
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+  """Holds Ctrl-C (SIGINT) back until the block is done, then raises it.
+
+  orbax starts and joins threads while it writes and reads; a
+  KeyboardInterrupt raised in the middle of that can leave a thread that
+  keeps the interpreter from exiting. Only the main thread receives signals,
+  so elsewhere (and where SIGINT is ignored or left to the OS) nothing changes.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  previous = signal.getsignal(signal.SIGINT)
+  if not callable(previous):
+    yield
+    return
+  received: list[tuple[int, Any]] = []
+  signal.signal(signal.SIGINT, lambda signum, frame: received.append((signum, frame)))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+    if received:
+      previous(*received[0])  # the default handler raises KeyboardInterrupt here
+
+
+class _DropReadOnlyNotice(logging.Filter):
+  """Drops orbax's notice that a reader's manager is read-only: that is how a reader opens it."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith('Given directory is read only')
+
+
+@contextlib.contextmanager
+def _quiet_read_only_notice() -> Iterator[None]:
+  logger, dropped = logging.getLogger('absl'), _DropReadOnlyNotice()
+  logger.addFilter(dropped)
+  try:
+    yield
+  finally:
+    logger.removeFilter(dropped)
+
+
+@dataclasses.dataclass
+class _NotOwned:
+  """An orbax preservation policy: keeps every step this writer neither wrote nor adopted."""
+
+  owned: set[int]
+
+  def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> list[bool]:
+    del context
+    return [info.step not in self.owned for info in checkpoints]
+
+
+def _try_lock(file: Any) -> None:
+  """An exclusive, non-blocking lock on ``file``; the OS drops it when the process dies."""
+  if fcntl is not None:
+    fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+  else:
+    file.seek(0)
+    msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
+
+
+_HELD = {errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK, errno.EDEADLK, getattr(errno, 'EDEADLOCK', errno.EDEADLK)}
+
+
 class _Lock:
-  """An exclusive ``fcntl.flock`` on a file; the OS releases it when the process dies."""
+  """An exclusive OS lock on a file (``flock``, or ``msvcrt.locking`` on Windows)."""
 
   def __init__(self, path: pathlib.Path):
     self.path = path
@@ -205,37 +311,47 @@ class _Lock:
       return
     file = open(self.path, 'a+')  # pylint: disable=consider-using-with  # held until release()
     try:
-      fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+      _try_lock(file)
     except OSError as error:
-      file.seek(0)
-      holder = file.read().strip() or 'another process'
+      try:
+        file.seek(0)
+        holder = file.read().strip() or 'another process'
+      except OSError:  # Windows: the holder's locked byte cannot be read
+        holder = 'another process'
       file.close()
-      if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+      if error.errno not in _HELD:
         raise
       raise CheckpointError(
           f'checkpoint_dir: {self.path.parent} is in use by another writer ({holder}). Only one '
           'run may write a checkpoint directory at a time: wait for it to finish (or stop it), '
           'or pass another checkpoint_dir'
       ) from error
-    file.seek(0)
-    file.truncate()
-    now = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')
-    file.write(f'process {os.getpid()} on {socket.gethostname()}, since {now}\n')
-    file.flush()
+    try:
+      file.seek(0)
+      file.truncate()
+      now = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')
+      file.write(f'process {os.getpid()} on {socket.gethostname()}, since {now}\n')
+      file.flush()
+    except OSError:  # a full disk: let go of the lock rather than hold it unnamed
+      file.close()
+      raise
     self.file = file
 
   def release(self) -> None:
     if self.file is not None:
-      self.file.close()  # closing the file releases the lock
-      self.file = None
+      file, self.file = self.file, None
+      try:
+        file.close()  # closing the file releases the lock, even if the close reports an error
+      except OSError:
+        pass
 
 
 class Checkpoints:
   """The last ``keep`` checkpoints and the best one of a run, in one directory.
 
-  Reading (:meth:`step`, :meth:`restore`) needs no lock and changes nothing.
-  The first :meth:`save` (or :meth:`acquire`) takes the directory's writer
-  lock, which is held until :meth:`close`.
+  Reading (:meth:`step`, :meth:`restore`, :meth:`blocking_contents`) needs no
+  lock and changes nothing. The first :meth:`save` (or :meth:`acquire`) takes
+  the directory's writer lock, which is held until :meth:`close`.
 
   Args:
     directory: where the checkpoints live. It is created by the first
@@ -255,6 +371,8 @@ class Checkpoints:
   def __init__(self, directory: str | os.PathLike[str], *, keep: int = 3):
     if not isinstance(directory, (str, os.PathLike)):
       raise TypeError(f'directory: expected a path, got {type(directory).__name__} {directory!r:.60}')
+    if not os.fspath(directory):
+      raise ValueError("directory: expected a path, got '' (pass '.' for the current directory)")
     self.keep = _checks.check_int('keep', keep)
     self.directory = pathlib.Path(directory).expanduser().resolve()
     if self.directory.exists() and not self.directory.is_dir():
@@ -275,8 +393,8 @@ class Checkpoints:
 
     Raises:
       CheckpointError: another process (or another :class:`Checkpoints` in
-        this one) holds the lock, or the directory cannot be written; the
-        underlying OSError is its ``__cause__``.
+        this one) holds the lock, or the directory cannot be written (a full
+        disk included); the underlying OSError is its ``__cause__``.
     """
     if self.writing:
       return
@@ -310,9 +428,78 @@ class Checkpoints:
     resumed run's checkpoints its own.
     """
     for kind in _KINDS:
-      manager = self._manager(kind)
-      if manager is not None:
-        self._owned[kind].update(manager.all_steps())
+      self._owned[kind].update(self.steps(kind))
+
+  # What is in the directory ----------------------------------------------------
+
+  def _entries(self) -> list[str]:
+    """Files in the directory, grouped by their first two path parts ('best/12', 'notes.txt').
+
+    The lock, empty folders, orbax's temporary directories and write tests
+    are left out: none of them holds anything of value.
+    """
+    if not self.directory.is_dir():
+      return []
+    found = set()
+    for path in self.directory.rglob('*'):
+      name = path.relative_to(self.directory).as_posix()
+      if name == _LOCK or _TEMPORARY in name or '.write-test-' in name or not path.is_file():
+        continue
+      found.add('/'.join(name.split('/')[:2]))
+    return sorted(found)
+
+  def blocking_contents(self) -> list[str]:
+    """What in the directory must keep a new run from starting there.
+
+    A new run may start in a directory that is empty, or that holds only the
+    leftovers of a run that never completed its first checkpoint: the lock,
+    orbax's temporary directories of an interrupted first save, write tests,
+    and history files (``history/<hex>.jsonl``) when no checkpoint at all is
+    there. Everything else blocks it: a latest or best checkpoint, anything
+    in ``set_aside/``, any file of someone else's.
+
+    Returns:
+      The blocking entries, sorted, each as its first two path parts
+      relative to the directory (``'best/12'``, ``'set_aside/latest-16'``,
+      ``'notes.txt'``); empty if a new run may start.
+
+    Example:
+      >>> ft.Checkpoints('runs/new').blocking_contents()             # doctest: +SKIP
+      []
+    """
+    found = self._entries()
+    if not any(name.split('/')[0] in (*_KINDS, 'set_aside') for name in found):
+      found = [name for name in found if not _HISTORY_FILE.fullmatch(name)]
+    return found
+
+  def discard_leftovers(self) -> list[str]:
+    """Deletes the leftovers of a run that never completed a checkpoint, so a new run can start.
+
+    Takes the writer lock (so no other run is writing them). Deletes orbax's
+    temporary directories, and the history files when the directory holds no
+    checkpoint; nothing that :meth:`blocking_contents` lists is touched.
+
+    Returns:
+      What was deleted, relative to the directory.
+
+    Raises:
+      CheckpointError: the directory is in use by another writer, or cannot
+        be written.
+    """
+    self.acquire()
+    self._close_managers()
+    removed = []
+    with _interrupts_held():
+      for kind in _KINDS:
+        for path in sorted((self.directory / kind).glob(f'*{_TEMPORARY}*')):
+          shutil.rmtree(path, ignore_errors=True)
+          removed.append(path.relative_to(self.directory).as_posix())
+      blocking = set(self.blocking_contents())
+      for name in self._entries():
+        if name not in blocking and _HISTORY_FILE.fullmatch(name):
+          (self.directory / name).unlink()
+          removed.append(name)
+    return removed
 
   # Reading ---------------------------------------------------------------------
 
@@ -323,9 +510,15 @@ class Checkpoints:
       if not (create or path.is_dir()):
         return None
       writer = self.writing
+      keep = self.keep if kind == 'latest' else 1
+      policies = ocp.checkpoint_managers
       options = ocp.CheckpointManagerOptions(
           enable_async_checkpointing=False,  # a save is complete when save() returns
-          max_to_keep=None,  # rotation is done by save(), which deletes only its own
+          # After each save orbax deletes what no policy preserves: the steps
+          # beyond the newest `keep`, but never one this object did not write.
+          preservation_policy=policies.AnyPreservationPolicy(
+              [policies.LatestN(n=keep), _NotOwned(self._owned[kind])]) if writer else None,
+          save_interval_steps=0 if not writer else 1,  # a reader saves nothing
           cleanup_tmp_directories=writer,  # only the lock holder may touch temporary dirs
           create=writer,
           read_only=not writer,
@@ -336,18 +529,26 @@ class Checkpoints:
           'metadata': ocp.JsonCheckpointHandler(),
           'checksums': ocp.JsonCheckpointHandler(),
       }
-      self._managers[kind] = ocp.CheckpointManager(path, options=options, item_handlers=handlers)
+      with _interrupts_held(), _quiet_read_only_notice():
+        self._managers[kind] = ocp.CheckpointManager(path, options=options, item_handlers=handlers)
     return self._managers[kind]
 
   def steps(self, which: Literal['latest', 'best'] = 'latest') -> list[int]:
     """The steps of the complete ``which`` checkpoints in the directory, oldest first."""
     if which not in _KINDS:
       raise ValueError(f"which: expected 'latest' or 'best', got {which!r}")
-    manager = self._manager(which)
-    if manager is None:
-      return []
-    manager.reload()
-    return sorted(manager.all_steps())
+    for attempt in range(_READ_ATTEMPTS):
+      manager = self._manager(which)
+      if manager is None:
+        return []
+      try:
+        manager.reload()
+        return sorted(manager.all_steps())
+      except FileNotFoundError:  # a step was deleted while orbax listed it: list again
+        self._close_managers()
+        if attempt == _READ_ATTEMPTS - 1:
+          raise
+    return []  # not reached
 
   def step(self, which: Literal['latest', 'best'] = 'latest') -> int | None:
     """The step of the newest ``which`` checkpoint, or None if there is none."""
@@ -373,8 +574,9 @@ class Checkpoints:
     """Writes ``model``, ``optimizer`` and ``metadata`` as the latest checkpoint.
 
     The latest checkpoint is written first, then (with ``best``) the best.
-    Once both are complete, latest checkpoints beyond the last ``keep`` and
-    the previous best are deleted, if this object wrote (or adopted) them.
+    After each write, latest checkpoints beyond the last ``keep`` (and the
+    previous best) are deleted, if this object wrote (or adopted) them. A
+    Ctrl-C during the save is held until the save is complete.
 
     Args:
       step: a step number not yet in the directory.
@@ -388,31 +590,58 @@ class Checkpoints:
 
     Raises:
       CheckpointError: the directory is locked by another writer or cannot be
-        written, or ``step`` is already there (nothing is overwritten).
+        written, or ``step`` is already a latest checkpoint there (nothing
+        is overwritten).
     """
-    step = _checks.check_int('step', step, minimum=0)
+    metadata = self._check_save(step, model, optimizer, metadata)
+    self._write(step, model, optimizer, metadata, ('latest', 'best') if best else ('latest',))
+    return self.directory / 'latest' / str(step)
+
+  def save_best(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer,
+                metadata: Mapping[str, Any] | None = None) -> pathlib.Path:
+    """Writes ``model``, ``optimizer`` and ``metadata`` as the best checkpoint only.
+
+    For a run that stopped between writing the latest and the best copy of
+    one step (:func:`flaxtrain.fit` finishes the job when it resumes). A best
+    checkpoint already at ``step`` (written by a timeline that a resumed run
+    abandoned) is set aside with a RuntimeWarning, never overwritten.
+
+    Returns:
+      The directory of the best checkpoint.
+    """
+    metadata = self._check_save(step, model, optimizer, metadata)
+    self._write(step, model, optimizer, metadata, ('best',))
+    return self.directory / 'best' / str(step)
+
+  @staticmethod
+  def _check_save(step: Any, model: Any, optimizer: Any, metadata: Any) -> dict[str, Any]:
+    _checks.check_int('step', step, minimum=0)
     if not isinstance(model, nnx.Module):
       raise TypeError(f'model: expected an nnx.Module, got {type(model).__name__}')
     if not isinstance(optimizer, nnx.Optimizer):
       raise TypeError(f'optimizer: expected an nnx.Optimizer, got {type(optimizer).__name__}')
+    if metadata is not None and not isinstance(metadata, Mapping):
+      raise TypeError(f'metadata: expected a JSON-serialisable dict, got {type(metadata).__name__}')
     metadata = dict(metadata or {})
     try:
       json.dumps(metadata)
     except (TypeError, ValueError) as error:
       raise TypeError(f'metadata: expected a JSON-serialisable dict ({error})') from error
-    self._write(step, model, optimizer, metadata, ('latest', 'best') if best else ('latest',))
-    return self.directory / 'latest' / str(step)
+    return metadata
 
   def _write(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer,
              metadata: dict[str, Any], kinds: tuple[str, ...]) -> None:
-    """Writes one checkpoint as each of ``kinds``, in that order, then rotates."""
+    """Writes one checkpoint as each of ``kinds``, in that order; orbax rotates after each."""
     self.acquire()
-    for kind in kinds:
-      if step in self.steps(kind):
-        raise CheckpointError(
-            f'step: {self.directory / kind / str(step)} already exists; a checkpoint is never '
-            'overwritten (delete it yourself if it should go)'
-        )
+    if 'latest' in kinds and step in self.steps('latest'):
+      raise CheckpointError(
+          f'step: {self.directory / "latest" / str(step)} already exists; a checkpoint is never '
+          'overwritten (delete it yourself if it should go)'
+      )
+    if 'best' in kinds and step in self.steps('best'):
+      self._set_aside_with_warning(
+          'best', step, f'a new best checkpoint of step {step} was written; this one was written '
+          'earlier at the same step, by a run that was later resumed from an older checkpoint')
     model_state, optimizer_state = _pure_state(model), _pure_state(optimizer)
     checksums = {'model': _checksums(model_state), 'optimizer': _checksums(optimizer_state),
                  'metadata': _json_checksum(metadata)}
@@ -422,41 +651,78 @@ class Checkpoints:
         metadata=ocp.args.JsonSave(metadata),
         checksums=ocp.args.JsonSave(checksums),
     )
-    for kind in kinds:
-      self._manager(kind, create=True).save(step, args=args, force=True)
-      self._owned[kind].add(step)
-    if 'latest' in kinds:
-      self._rotate('latest', self.keep)
-    if 'best' in kinds:
-      self._rotate('best', 1)
-
-  def _rotate(self, kind: str, keep: int) -> None:
-    """Deletes the oldest of this object's own ``kind`` checkpoints beyond the newest ``keep``."""
-    manager = self._managers[kind]
-    steps = sorted(manager.all_steps())
-    for step in steps[:max(len(steps) - keep, 0)]:
-      if step in self._owned[kind]:
-        manager.delete(step)
-        self._owned[kind].discard(step)
+    with _interrupts_held():
+      for kind in kinds:
+        self._manager(kind, create=True).save(step, args=args, force=True)
+        self._owned[kind].add(step)
 
   def set_aside(self, which: Literal['latest', 'best'], step: int, reason: str) -> pathlib.Path:
-    """Moves a checkpoint that failed to verify to ``set_aside/`` (nothing is deleted).
+    """Moves a checkpoint to ``set_aside/`` (nothing is deleted), e.g. one that failed to verify.
+
+    Args:
+      which: ``'latest'`` or ``'best'``.
+      step: a step of a ``which`` checkpoint in the directory.
+      reason: why, written beside it.
 
     Returns:
       Its new directory. ``<that>.reason.txt`` beside it says why.
+
+    Raises:
+      CheckpointError: the directory is in use by another writer, or the
+        move failed (the underlying OSError is its ``__cause__``).
     """
+    if which not in _KINDS:
+      raise ValueError(f"which: expected 'latest' or 'best', got {which!r}")
     self.acquire()
+    source = self.directory / which / str(step)
+    if not source.is_dir():
+      raise FileNotFoundError(f'step: there is no {which!r} checkpoint of step {step} in {self.directory}')
     target_dir = self.directory / 'set_aside'
-    target_dir.mkdir(exist_ok=True)
     target = target_dir / f'{which}-{step}'
     suffix = 1
-    while target.exists():
+    while target.exists() or target.with_name(target.name + '.reason.txt').exists():
       suffix += 1
       target = target_dir / f'{which}-{step}-{suffix}'
     self._close_managers()
-    shutil.move(str(self.directory / which / str(step)), str(target))
-    target.with_name(target.name + '.reason.txt').write_text(reason + '\n')
+    try:
+      with _interrupts_held():
+        target_dir.mkdir(exist_ok=True)
+        shutil.move(str(source), str(target))  # a rename: no space needed on the same disk
+        self._owned[which].discard(step)
+        target.with_name(target.name + '.reason.txt').write_text(reason + '\n')
+    except OSError as error:
+      raise CheckpointError(
+          f'checkpoint_dir: cannot move {source} to {target} ({type(error).__name__}: {error})'
+      ) from error
     return target
+
+  def _set_aside_with_warning(self, which: str, step: int, reason: str) -> pathlib.Path:
+    moved = self.set_aside(which, step, reason)
+    warnings.warn(f'checkpoint_dir: set aside the {which} checkpoint of step {step}: {reason}. '
+                  f'It was moved to {moved}', RuntimeWarning, stacklevel=3)
+    return moved
+
+  def set_aside_after(self, step: int, reason: str) -> list[pathlib.Path]:
+    """Sets aside every latest and best checkpoint newer than ``step``, each with a RuntimeWarning.
+
+    A run resumed from ``step`` (after falling back past newer checkpoints
+    that failed to verify) will write those steps again, on a new timeline:
+    the old timeline's checkpoints are kept in ``set_aside/``, out of its way.
+
+    Args:
+      step: the step the run resumes from.
+      reason: why, written beside each one and in its warning.
+
+    Returns:
+      The new directories, oldest step first.
+    """
+    step = _checks.check_int('step', step, minimum=0)
+    moved = []
+    for which in _KINDS:
+      for newer in self.steps(which):
+        if newer > step:
+          moved.append(self._set_aside_with_warning(which, newer, reason))
+    return moved
 
   # Restoring -------------------------------------------------------------------
 
@@ -466,15 +732,22 @@ class Checkpoints:
       optimizer: nnx.Optimizer | None = None,
       *,
       which: Literal['latest', 'best'] = 'latest',
+      verify: Callable[[CheckpointInfo], Any] | None = None,
+      warn: bool = True,
   ) -> CheckpointInfo:
     """Loads a checkpoint into ``model`` (and ``optimizer``), in place.
 
     The stored arrays are checked against ``model`` and ``optimizer`` first
     (every variable must exist in both with the same shape and dtype), and
     their checksums are verified before anything is loaded. For
-    ``which='latest'``, checkpoints that cannot be read or fail their
-    checksums are skipped, newest first; ``CheckpointInfo.skipped`` says
-    which and why.
+    ``which='latest'``, checkpoints that cannot be read, fail their
+    checksums or are refused by ``verify`` are skipped, newest first, each
+    with a RuntimeWarning naming its step and the reason;
+    ``CheckpointInfo.skipped`` lists them too.
+
+    A checkpoint deleted while it is read (a writer rotating the directory)
+    is not skipped as corrupt: the restore starts again from the newest
+    complete checkpoint, a few times, then raises CheckpointError.
 
     Each array is restored onto the devices and sharding of the array it
     replaces (orbax restores to the target's sharding), whatever devices
@@ -487,6 +760,11 @@ class Checkpoints:
       model: a model of the same architecture as the saved one.
       optimizer: if given, its state is restored too.
       which: ``'latest'`` or ``'best'``.
+      verify: called with the :class:`CheckpointInfo` of a checkpoint that
+        passed its checksums, before anything is loaded; if it raises
+        ValueError, that checkpoint is skipped like a corrupt one, with the
+        error's message as the reason (``fit`` checks the history there).
+      warn: warn for each skipped checkpoint (False: only ``skipped`` says so).
 
     Returns:
       A :class:`CheckpointInfo` with the step, the metadata and what was skipped.
@@ -496,6 +774,10 @@ class Checkpoints:
       ValueError: the checkpoint does not fit ``model`` or ``optimizer`` (the
         message names the first mismatched variable), or no checkpoint of
         ``which`` can be read and verified (the message gives each reason).
+      CheckpointError: the checkpoints kept being deleted while they were read.
+
+    Example:
+      >>> info = ft.Checkpoints('runs/cnn').restore(model, optimizer)  # doctest: +SKIP
     """
     if not isinstance(model, nnx.Module):
       raise TypeError(f'model: expected an nnx.Module, got {type(model).__name__}')
@@ -503,8 +785,39 @@ class Checkpoints:
       raise TypeError(f'optimizer: expected an nnx.Optimizer or None, got {type(optimizer).__name__}')
     if which not in _KINDS:
       raise ValueError(f"which: expected 'latest' or 'best', got {which!r}")
+    if verify is not None and not callable(verify):
+      raise TypeError(f'verify: expected a callable or None, got {type(verify).__name__}')
     if not self.directory.is_dir():
       raise FileNotFoundError(f'checkpoint directory: {self.directory} does not exist')
+    targets = {'model': (model, _pure_state(model))}
+    if optimizer is not None:
+      targets['optimizer'] = (optimizer, _pure_state(optimizer))
+    for _ in range(_READ_ATTEMPTS):
+      try:
+        with _interrupts_held():
+          step, restored, skipped = self._newest_usable(which, targets, verify)
+        break
+      except _Vanished:
+        self._close_managers()  # list the directory afresh
+    else:
+      raise CheckpointError(
+          f'checkpoint directory: the checkpoints in {self.directory / which} were deleted while they '
+          f'were read, {_READ_ATTEMPTS} times: a writer is rotating them faster than they can be read. '
+          'Restore again, or from a copy of the directory, or with keep= larger in the writer'
+      )
+    for name, (node, _) in targets.items():
+      state = nnx.state(node)
+      nnx.replace_by_pure_dict(state, restored[name])
+      nnx.update(node, state)
+    if warn:
+      for skipped_step, reason in skipped:
+        warnings.warn(f'checkpoint_dir: skipped the {which} checkpoint of step {skipped_step}: {reason}. '
+                      f'Restored step {step} instead', RuntimeWarning, stacklevel=2)
+    return CheckpointInfo(step=step, path=self.directory / which / str(step),
+                          metadata=dict(restored['metadata'] or {}), skipped=tuple(skipped))
+
+  def _newest_usable(self, which: str, targets: Mapping[str, Any], verify: Any) -> tuple[int, dict[str, Any], list]:
+    """The newest checkpoint that reads and verifies: (step, its arrays, what was skipped)."""
     steps = self.steps(which)
     if not steps:
       found = sorted(p.name for p in self.directory.iterdir())
@@ -512,25 +825,24 @@ class Checkpoints:
           f"checkpoint directory: no complete {which!r} checkpoint in {self.directory} "
           f'(it contains {found}); was it written by flaxtrain.Checkpoints or flaxtrain.fit?'
       )
-    targets = {'model': (model, _pure_state(model))}
-    if optimizer is not None:
-      targets['optimizer'] = (optimizer, _pure_state(optimizer))
     skipped: list[tuple[int, str]] = []
-    errors: list[_Unusable] = []
+    errors: list[Exception] = []
     for step in reversed(steps if which == 'latest' else steps[-1:]):
+      path = self.directory / which / str(step)
       try:
         restored = self._read(which, step, targets)
       except _Unusable as error:
         skipped.append((step, str(error)))
         errors.append(error)
         continue
-      for name, (node, _) in targets.items():
-        state = nnx.state(node)
-        nnx.replace_by_pure_dict(state, restored[name])
-        nnx.update(node, state)
-      path = self.directory / which / str(step)
-      return CheckpointInfo(step=step, path=path, metadata=dict(restored['metadata'] or {}),
-                            skipped=tuple(skipped))
+      if verify is not None:
+        try:
+          verify(CheckpointInfo(step=step, path=path, metadata=dict(restored['metadata'] or {})))
+        except ValueError as error:  # refused by the caller, e.g. its history is cut short
+          skipped.append((step, str(error)))
+          errors.append(error)
+          continue
+      return step, restored, skipped
     reasons = '; '.join(f'step {step}: {reason}' for step, reason in skipped)
     raise ValueError(
         f'checkpoint directory: no {which!r} checkpoint in {self.directory} can be used ({reasons}). '
@@ -539,7 +851,7 @@ class Checkpoints:
     ) from errors[0]
 
   def _read(self, which: str, step: int, targets: Mapping[str, Any]) -> dict[str, Any]:
-    """Reads and verifies one checkpoint; raises _Unusable if it is unreadable or corrupt."""
+    """Reads and verifies one checkpoint; raises _Unusable if it is unreadable or corrupt, _Vanished if deleted."""
     manager = self._manager(which)
     path = self.directory / which / str(step)
     try:
@@ -564,14 +876,17 @@ class Checkpoints:
   # Closing ---------------------------------------------------------------------
 
   def _close_managers(self) -> None:
-    for manager in self._managers.values():
-      manager.close()
-    self._managers.clear()
+    managers, self._managers = list(self._managers.values()), {}
+    with _interrupts_held():
+      for manager in managers:
+        manager.close()
 
   def close(self) -> None:
-    """Releases orbax's resources and the writer lock."""
-    self._close_managers()
-    self._lock.release()
+    """Releases orbax's resources and the writer lock; the lock is released even if the rest fails."""
+    try:
+      self._close_managers()
+    finally:
+      self._lock.release()
 
   def __enter__(self) -> 'Checkpoints':
     return self
@@ -590,7 +905,9 @@ def restore_checkpoint(
   """Loads the latest or best checkpoint in ``directory`` into ``model``, in place.
 
   A shortcut for ``Checkpoints(directory).restore(model, optimizer, which=which)``;
-  it only reads (no lock is taken, nothing is changed).
+  it only reads (no lock is taken, nothing is changed). A newer checkpoint
+  that fails its checksums is skipped with a RuntimeWarning naming its step
+  and the reason.
 
   Args:
     directory: a checkpoint directory written by :class:`Checkpoints` or
@@ -607,4 +924,8 @@ def restore_checkpoint(
     >>> info = ft.restore_checkpoint(run_dir, model, which='best')  # doctest: +SKIP
   """
   with Checkpoints(directory) as checkpoints:
-    return checkpoints.restore(model, optimizer, which=which)
+    info = checkpoints.restore(model, optimizer, which=which, warn=False)
+  for step, reason in info.skipped:
+    warnings.warn(f'checkpoint_dir: skipped the {which} checkpoint of step {step}: {reason}. '
+                  f'Restored step {info.step} instead', RuntimeWarning, stacklevel=2)
+  return info
