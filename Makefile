@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.flaxtrain-installed
 PYTEST_ARGS ?=
 
-.PHONY: lab test unit notebooks bench setup clean
+.PHONY: lab test unit notebooks bench site setup clean
 
 setup: $(STAMP)
 
@@ -27,7 +27,7 @@ ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 LAB_DIR ?= notebooks
 LAB_FLAGS ?=
 lab: $(STAMP)
-	$(BIN)/jupyter lab --notebook-dir="$(LAB_DIR)" --ServerApp.ip=127.0.0.1 --MappingKernelManager.default_kernel_name=flaxtrain $(ALLOW_ROOT) $(LAB_FLAGS)
+	JUPYTER_CONFIG_PATH="$(CURDIR)/tools/jupyter$${JUPYTER_CONFIG_PATH:+:$$JUPYTER_CONFIG_PATH}" $(BIN)/jupyter lab --notebook-dir="$(LAB_DIR)" --ServerApp.ip=127.0.0.1 --MappingKernelManager.default_kernel_name=flaxtrain $(ALLOW_ROOT) $(LAB_FLAGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -42,6 +42,14 @@ notebooks: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
+
+# The website: README, stored notebooks (never executed) and API reference, built by Sphinx from
+# docs/conf.py with warnings as errors. Open $(SITE_DIR)/html/index.html; tests/test_site.py builds
+# it into a temporary SITE_DIR.
+SITE_DIR ?= build/site
+site: $(STAMP)
+	$(BIN)/python -m sphinx -b html -c docs -d "$(SITE_DIR)/doctrees" -W --keep-going -q . "$(SITE_DIR)/html"
+	@echo "site: $(SITE_DIR)/html/index.html"
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
