@@ -17,6 +17,7 @@ import numbers
 import os
 import pathlib
 import uuid
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,7 +27,15 @@ import numpy as np
 
 from flaxtrain import _checks
 
-__all__ = ['History']  # HistoryLog is used by fit() and not exported
+__all__ = ['History']  # HistoryLog and HistoryError are used by fit() and not exported
+
+
+class HistoryError(ValueError):
+  """A history file on disk is missing, cut short or corrupt: the checkpoint that refers to it cannot be resumed.
+
+  An older checkpoint refers to a shorter prefix of the same files, which may
+  still verify: :func:`flaxtrain.fit` falls back to it.
+  """
 
 
 def _check_metrics(name: str, metrics: Any, reserved: tuple[str, ...]) -> None:
@@ -210,31 +219,62 @@ class HistoryLog:
     self._hash = hashlib.sha256()
 
   def write(self, history: History) -> list[dict[str, Any]]:
-    """Appends the rows of ``history`` not yet written; returns the segments that hold it all."""
+    """Appends the rows of ``history`` not yet written; returns the segments that hold it all.
+
+    The file is written unbuffered and synced, so a failed write (a full
+    disk) raises here and leaves nothing to be flushed later: :meth:`close`
+    cannot fail with it again. After a failed write the file is given up at
+    the last byte known to be good, and the next write starts a new file;
+    the rows that failed are written again there.
+
+    Raises:
+      OSError: the rows could not be written (nothing after the last good
+        byte is referred to by any segment).
+    """
     steps, epochs = history.rows_since(*self._written)
     data = ''.join(json.dumps(['s', row]) + '\n' for row in steps)
     data += ''.join(json.dumps(['e', row]) + '\n' for row in epochs)
     if self._file is None:
       self.directory.mkdir(parents=True, exist_ok=True)
       self._name = f'{uuid.uuid4().hex}.jsonl'
-      self._file = open(self.directory / self._name, 'xb')  # pylint: disable=consider-using-with
+      self._file = open(self.directory / self._name, 'xb', buffering=0)  # pylint: disable=consider-using-with
     if data:
       encoded = data.encode()
-      self._file.write(encoded)
-      self._file.flush()
-      os.fsync(self._file.fileno())
+      try:
+        view = memoryview(encoded)
+        while view:  # an unbuffered write may write less than asked
+          view = view[self._file.write(view):]
+        os.fsync(self._file.fileno())
+      except OSError:
+        self._give_up_file()
+        raise
       self._hash.update(encoded)
       self._bytes += len(encoded)
     self._written = (self._written[0] + len(steps), self._written[1] + len(epochs))
-    return self.segments + [{'file': self._name, 'bytes': self._bytes, 'sha256': self._hash.hexdigest()}]
+    return self.segments + [self._segment()]
+
+  def _segment(self) -> dict[str, Any]:
+    return {'file': self._name, 'bytes': self._bytes, 'sha256': self._hash.hexdigest()}
+
+  def _give_up_file(self) -> None:
+    """Closes the current file after a failed write; its good prefix stays a segment."""
+    if self._bytes:
+      self.segments.append(self._segment())
+    file, self._file = self._file, None
+    self._bytes, self._hash = 0, hashlib.sha256()
+    try:
+      file.close()  # unbuffered: nothing is flushed, so nothing can fail again
+    except OSError:
+      pass
 
   @staticmethod
   def read(directory: str | os.PathLike[str], segments: Sequence[Mapping[str, Any]]) -> History:
     """Rebuilds the History that ``segments`` describe, verifying each one's checksum.
 
     Raises:
-      ValueError: a file is missing, shorter than its segment, or its bytes
-        do not match the recorded checksum (the message names the file).
+      HistoryError: a file is missing, shorter than its segment, or its
+        bytes do not match the recorded checksum (the message names the
+        file). It is a ValueError.
     """
     steps, epochs = [], []
     for segment in segments:
@@ -243,9 +283,9 @@ class HistoryLog:
         with open(path, 'rb') as file:
           data = file.read(segment['bytes'])
       except OSError as error:
-        raise ValueError(f'history: cannot read {path} ({error})') from error
+        raise HistoryError(f'history: cannot read {path} ({error})') from error
       if len(data) != segment['bytes'] or hashlib.sha256(data).hexdigest() != segment['sha256']:
-        raise ValueError(
+        raise HistoryError(
             f'history: {path} does not hold the {segment["bytes"]} bytes recorded with the checkpoint '
             '(it is truncated or corrupt: its SHA-256 checksum differs)'
         )
@@ -255,6 +295,15 @@ class HistoryLog:
     return History.from_state_dict({'steps': steps, 'epochs': epochs})
 
   def close(self) -> None:
+    """Closes the current file. Never raises: a clean-up must not hide the error that stopped a run.
+
+    Every write was already synced, so closing loses nothing; a failure to
+    close is reported as a RuntimeWarning.
+    """
     if self._file is not None:
-      self._file.close()
-      self._file = None
+      file, self._file = self._file, None
+      try:
+        file.close()
+      except OSError as error:
+        warnings.warn(f'history: closing {self.directory / self._name} failed ({error}); '
+                      'every row written before was synced', RuntimeWarning, stacklevel=2)

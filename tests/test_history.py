@@ -88,7 +88,7 @@ def test_record_epoch_rejects_non_scalar_metrics():
 
 
 def test_history_log_appends_only_new_rows_and_detects_a_changed_file(tmp_path):
-  from flaxtrain.history import HistoryLog
+  from flaxtrain.history import HistoryError, HistoryLog
   history = ft.History()
   log = HistoryLog(tmp_path)
   for step in range(3):
@@ -108,3 +108,62 @@ def test_history_log_appends_only_new_rows_and_detects_a_changed_file(tmp_path):
   path.write_bytes(bytes(raw))
   with pytest.raises(ValueError, match=r'history: .*\.jsonl does not hold the \d+ bytes recorded .*checksum'):
     HistoryLog.read(tmp_path, first)
+  with pytest.raises(HistoryError):  # what fit catches to fall back to an older checkpoint
+    HistoryLog.read(tmp_path, first)
+  path.write_bytes(bytes(raw[:size // 2]))  # cut short
+  with pytest.raises(HistoryError, match=r'does not hold the \d+ bytes'):
+    HistoryLog.read(tmp_path, second)
+  (tmp_path / second[-1]['file']).unlink()
+  with pytest.raises(HistoryError, match=r'history: cannot read'):
+    HistoryLog.read(tmp_path, second)
+
+
+# A write that fails (a full disk), in a real process whose file size is limited by the OS -------------
+
+FULL_DISK = '''
+import json, resource, signal, sys
+import flaxtrain as ft
+from flaxtrain.history import HistoryLog
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
+directory = sys.argv[1]
+history, log, failures = ft.History(), HistoryLog(directory), []
+_, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (3000, hard))  # the disk is full after about 3 kB per file
+segments = None
+for step in range(200):
+  history.record_step(step, {'loss': step / 7, 'accuracy': 1 / (step + 1)})
+  if step % 20 == 19:
+    try:
+      segments = log.write(history)
+    except OSError as error:
+      failures.append(error.errno)
+      if len(failures) == 2:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))  # space is freed
+log.close()  # must not raise what the failed writes left behind
+print(json.dumps({'failures': failures, 'segments': segments, 'state': history.state_dict()}))
+'''
+
+
+def test_a_failed_write_raises_once_and_the_next_write_loses_no_row(tmp_path):
+  import subprocess
+  import sys
+  result = subprocess.run([sys.executable, '-c', FULL_DISK, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  assert len(out['failures']) == 2 and all(code == 27 for code in out['failures'])  # EFBIG, as ENOSPC would be
+  segments = out['segments']
+  assert len(segments) >= 2  # the file given up at its last good byte, then a new one
+  from flaxtrain.history import HistoryLog
+  assert HistoryLog.read(tmp_path, segments).state_dict() == out['state']  # every row, each once
+
+
+def test_closing_a_history_log_never_raises(tmp_path):
+  from flaxtrain.history import HistoryLog
+  log = HistoryLog(tmp_path)
+  history = ft.History()
+  history.record_step(0, {'loss': 1.0})
+  log.write(history)
+  log.close()
+  log.close()  # twice is fine
+  HistoryLog(tmp_path / 'never_written').close()
