@@ -43,7 +43,13 @@ class LRFinderResult:
       average (``smoothing``), which the suggestion and the stop rule use.
     suggestion: the suggested peak learning rate: the rate at the lowest
       smoothed loss, divided by ``10``.
-    diverged: True if the run stopped early because the loss diverged.
+    diverged: True if the sweep stopped before ``max_lr`` because the loss
+      ran away: the smoothed loss rose above ``diverge_factor`` times its
+      lowest value, or a loss was not finite. That is the usual end of a
+      healthy range test (the rate grew too large, which is what the test
+      looks for), not an error: the suggestion is taken from below that
+      point. False means the sweep reached ``max_lr`` without the loss
+      turning up; if the plot has not turned yet, raise ``max_lr``.
   """
 
   learning_rates: np.ndarray
@@ -137,7 +143,8 @@ def find_learning_rate(
 
   Returns:
     An :class:`LRFinderResult` with the rates, the raw and smoothed losses,
-    the suggested rate and whether the loss diverged.
+    the suggested rate and ``diverged``: whether the sweep ended early on a
+    running-away loss (the normal end of a sweep; see :class:`LRFinderResult`).
 
   Example:
     >>> result = ft.find_learning_rate(model, optax.adam, ft.DataLoader(splits.train, 64))  # doctest: +SKIP

@@ -2,6 +2,11 @@
 
 Each function takes data and an optional matplotlib ``ax``, draws on it and
 returns it; none of them changes global matplotlib settings.
+
+In a notebook, a cell whose last line is such a call also prints the returned
+``Axes`` (``<Axes: xlabel='step', ...>``) under the plot, as Jupyter does for
+any value. Assign it (``ax = ft.plot_history(history)``), end the line with
+``;``, or end the cell with ``plt.show()`` to show the plot alone.
 """
 
 from __future__ import annotations
@@ -42,12 +47,17 @@ def plot_history(
     log_scale: logarithmic y axis (useful for losses).
 
   Returns:
-    The axes.
+    The axes, to draw more on it. In a notebook, assign it (or end the line
+    with ``;``) so that its repr is not printed under the plot.
 
   Raises:
     TypeError: if ``history`` is not a History (a dict such as
       ``history.steps()`` or ``state_dict()`` is refused, naming the fix).
     ValueError: if nothing named ``metric`` was recorded.
+
+  Example:
+    >>> ax = ft.plot_history(history, 'loss', log_scale=True)  # doctest: +SKIP
+    >>> ax = ft.plot_history(history, 'accuracy')              # doctest: +SKIP
   """
   if not isinstance(history, History):
     fix = (' (it looks like History.steps(), epochs() or state_dict(); pass the History itself, or '
