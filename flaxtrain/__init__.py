@@ -90,6 +90,9 @@ from flaxtrain.loop import fit
 # many devices (notebook 10)
 from flaxtrain.parallel import DataParallel
 
+# export for inference, used as ft.export.load(path)(images) etc. (notebook 13)
+from flaxtrain import export
+
 # exercises at the end of notebooks 01-12, used as ft.exercises.check('04.1', answer)
 from flaxtrain import exercises
 
@@ -166,6 +169,8 @@ __all__ = [
     'fit',
     # many devices
     'DataParallel',
+    # export for inference (a module: ft.export.<name>, its own __all__)
+    'export',
     # exercises (a module: ft.exercises.check etc., its own __all__)
     'exercises',
 ]

@@ -36,11 +36,13 @@ EXPECTED = {
     'LivePlot', 'LRFinderResult', 'find_learning_rate', 'plot_lr_finder',
     # many devices
     'DataParallel',
+    # export for inference: a module, used as ft.export.<name>
+    'export',
     # exercises: a module, used as ft.exercises.check(...)
     'exercises',
 }
 
-MODULES = {'debug', 'widgets', 'exercises'}  # exported modules; their own __all__ is pinned below
+MODULES = {'debug', 'widgets', 'exercises', 'export'}  # exported modules; their own __all__ is pinned below
 
 DEBUG = {
     'grad_norms', 'NonFinite', 'find_nonfinite', 'check_finite', 'layer_outputs', 'dead_relu_fraction',
@@ -89,3 +91,15 @@ def test_exercises_module_is_pinned_and_documented():
   assert set(flaxtrain.exercises.__all__) == EXERCISES
   for name in EXERCISES:
     assert getattr(flaxtrain.exercises, name).__doc__.strip(), f'exercises.{name} has no docstring'
+
+
+EXPORT = {
+    'InferenceModel', 'Predictor', 'dequantize_int8', 'export_model', 'inference_model', 'load', 'load_weights',
+    'quantize_int8', 'save_weights',
+}
+
+
+def test_export_module_is_pinned_and_documented():
+  assert set(flaxtrain.export.__all__) == EXPORT
+  for name in EXPORT:
+    assert getattr(flaxtrain.export, name).__doc__.strip(), f'export.{name} has no docstring'
