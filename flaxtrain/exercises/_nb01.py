@@ -35,6 +35,8 @@ def check_masked_mean(answer):
         (np.mean(v), 'the padded entries (mask 0) were counted: multiply by the mask (or use jnp.where) '
                      'before summing'),
         (np.sum(v * m), 'that is the masked sum: divide it by mask.sum()'),
+        (np.mean(v[:int(m.sum())]), 'you averaged the first mask.sum() entries, but padding is not always at the '
+                                    'end: weight each entry by the mask instead of slicing'),
     ])
   return 'padded entries are ignored and the mean divides by the number of real examples.'
 
@@ -54,6 +56,11 @@ def _wrong_cross_entropies(logits, labels):
                                    'gradient) does not grow with the batch size'),
       (np.mean(picked(log_probs)), 'the sign is flipped: the cross-entropy is MINUS the mean log-probability '
                                    'of the true class (it is never negative)'),
+      (-np.mean(picked(jax.nn.log_softmax(logits, axis=0))), 'log_softmax normalised over the batch (axis 0); '
+                                                             'each example is a distribution over the classes: '
+                                                             'axis=-1'),
+      (-np.mean(picked(logits)), 'the raw logit of the true class is not a log-probability: take '
+                                 'jax.nn.log_softmax(logits) first'),
       (-np.mean(np.max(np.asarray(log_probs), axis=-1)), 'you took the largest log-probability, not the one of '
                                                          'the true class: pick it with the labels '
                                                          '(jnp.take_along_axis or one-hot)'),

@@ -47,6 +47,7 @@ def check_mse_grads(answer):
       raise Fail(f"mse_grads should return a dict with the keys 'w' and 'b' (the same structure as params), got "
                  f'{type(got).__name__}{" with keys " + str(sorted(got)) if isinstance(got, dict) else ""}')
     expected = jax.grad(lambda p: jnp.mean((x @ p['w'] + p['b'] - y) ** 2))(params)
+    without_b = jax.tree.map(np.asarray, jax.grad(lambda p: jnp.mean((x @ p['w'] - y) ** 2))(params))
     at = f'for 20 examples of 3 features (seed {seed})'
     for key in ('w', 'b'):
       e = np.asarray(expected[key])
@@ -55,6 +56,8 @@ def check_mse_grads(answer):
           (e * len(y), 'too large by the number of examples: the loss is a mean, so divide by len(y)'),
           (e * len(y) / 2, 'that is the gradient of half the SUM of squares: the loss is the mean of r ** 2'),
           (-e, 'the sign is flipped: the residual is prediction - target, x @ w + b - y'),
+          (without_b[key], 'b is missing from the residual: the prediction is x @ w + b, so the residual is '
+                           'x @ w + b - y'),
       ])
   return "matches jax.grad for both 'w' and 'b'."
 
@@ -64,23 +67,46 @@ def check_mse_grads(answer):
           solutions.train_step, on_error=_aux_hint)
 def check_train_step(answer):
   batches = [_batch(1), _batch(2)]
-  model = ft.MLP(64, (32,), 10, rngs=nnx.Rngs(0))
+  traces = []
+
+  class CountedMLP(ft.MLP):
+    """ft.MLP that counts how often Python runs its forward pass: once per trace under nnx.jit."""
+
+    def __call__(self, x, *args, **kwargs):
+      traces.append(1)
+      return super().__call__(x, *args, **kwargs)
+
+  model = CountedMLP(64, (32,), 10, rngs=nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
   reference = ft.MLP(64, (32,), 10, rngs=nnx.Rngs(0))
   reference_optimizer = nnx.Optimizer(reference, optax.sgd(0.1), wrt=nnx.Param)
   start = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+  runs = []
   for i, batch in enumerate(batches):
     expected = solutions.train_step(reference, reference_optimizer, batch)
     got = call(answer, model, optimizer, batch)
+    runs.append(len(traces))
     if not isinstance(got, dict) or not {'loss', 'accuracy'} <= set(got):
       raise Fail(f"train_step should return a dict with the keys 'loss' and 'accuracy', but it returned "
                  f'{type(got).__name__}{" with keys " + str(sorted(got)) if isinstance(got, dict) else ""}')
-    compare(got['loss'], expected['loss'], what="the returned 'loss'", at=f'at step {i}', rtol=1e-5)
+    try:
+      compare(got['loss'], expected['loss'], what="the returned 'loss'", at=f'at step {i}', rtol=1e-5)
+    except Fail as failure:
+      raise Fail(f'{failure}. Compute it from the `model` and `batch` passed in, not from variables outside the '
+                 'function (a batch or model captured from the notebook is the closure bug of section 4)') from None
     compare(got['accuracy'], expected['accuracy'], what="the returned 'accuracy'", at=f'at step {i}', rtol=1e-6)
     now = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
     if i == 0 and all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(now))):
-      raise Fail('the weights did not change: after computing the gradients, call optimizer.update(model, grads)')
+      raise Fail('the weights did not change: after computing the gradients, call optimizer.update(model, grads) '
+                 'on the model and optimizer passed in (with jax.jit instead of nnx.jit the update would only '
+                 'change copies)')
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(now),
                             jax.tree.leaves(nnx.state(reference, nnx.Param))):
       compare(a, b, what=f'the weights {jax.tree_util.keystr(path)}', at=f'after step {i}', rtol=1e-4, atol=1e-6)
-  return 'the step returns the loss and accuracy of the batch it is given and updates the weights as SGD should.'
+  if runs[1] > runs[0]:
+    raise Fail(f'the results are right, but the step is not compiled: Python ran the model again at the second '
+               f'call ({runs[0]} time(s) at the first, {runs[1] - runs[0]} more at the second, same shapes). '
+               'Decorate train_step with @nnx.jit: it is traced once, and every later call with batches of the same '
+               'shape runs the compiled step')
+  return ('a jitted step (traced once for two batches) that returns the loss and accuracy of the batch it is given '
+          'and updates the weights as SGD should.')

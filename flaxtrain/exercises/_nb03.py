@@ -42,13 +42,18 @@ def check_momentum_step(answer):
   grads = _gradients(3)
   expected = _optax_updates(optax.sgd(lr, momentum=mu), grads)
   velocity = jax.tree.map(np.zeros_like, grads[0])
+  trace = jax.tree.map(np.zeros_like, grads[0])   # optax's velocity: m = g + mu * m
   ema = jax.tree.map(np.zeros_like, grads[0])
+  scaled = jax.tree.map(np.zeros_like, grads[0])  # the rate folded in: m = mu * m + lr * g
   for t, g in enumerate(grads):
     result = call(answer, g, velocity, lr, mu)
     if not isinstance(result, tuple) or len(result) != 2:
       raise Fail('momentum_step should return a pair (updates, new_velocity)')
     updates, velocity = _leaves(result[0], 'updates'), _leaves(result[1], 'the new velocity')
+    previous = trace
+    trace = jax.tree.map(lambda m, g: g + mu * m, trace, g)
     ema = jax.tree.map(lambda m, g: mu * m + (1 - mu) * g, ema, g)
+    scaled = jax.tree.map(lambda m, g: mu * m + lr * g, scaled, g)
     for key in ('w', 'b'):
       compare(updates[key], expected[t][key], what=f"updates['{key}']", at=f'at update {t + 1}', rtol=1e-5,
               atol=1e-7, mistakes=[
@@ -56,6 +61,17 @@ def check_momentum_step(answer):
                                       '-learning_rate * velocity'),
                   (-lr * ema[key], 'that is the averaging form m = mu * m + (1 - mu) * g; optax keeps the plain '
                                    'sum m = g + mu * m (no 1 - mu), so the step is 1 / (1 - mu) times larger'),
+                  (-lr * g[key], 'that is plain SGD: the update must use the new velocity, '
+                                 'g + momentum * velocity, which carries the earlier gradients'),
+              ])
+      compare(velocity[key], trace[key], what=f"the new velocity['{key}']", at=f'at update {t + 1}', rtol=1e-5,
+              atol=1e-7, mistakes=[
+                  (scaled[key], 'the learning rate is folded into the velocity (m = mu * m + lr * g); optax keeps '
+                                'm = g + mu * m and multiplies by -learning_rate only in the update'),
+                  (previous[key], 'you returned the velocity you were given: return the new one, '
+                                  'grads + momentum * velocity, which the next step builds on'),
+                  (-lr * trace[key], 'you returned the update as the velocity: the velocity is g + momentum * m, '
+                                     'before the multiplication by -learning_rate'),
               ])
   return 'three updates match optax.sgd(0.1, momentum=0.9).'
 

@@ -21,8 +21,16 @@ def _leaf_norms(grads):
   return [float(np.linalg.norm(g)) for g in jax.tree.leaves(grads)]
 
 
+def _shapes_hint(error):
+  text = str(error)
+  if any(s in text for s in ('dimensions', 'shape', 'inhomogeneous', 'sequence')):
+    return ('the arrays of the tree have different shapes: sum the squares of each array on its own '
+            '(jnp.sum(g ** 2) for g in jax.tree.leaves(grads)), or flatten each one (g.ravel()) before joining them')
+  return None
+
+
 @exercise('05.1', 'the global norm of a tree of gradients',
-          'a function global_norm(grads) returning a scalar', solutions.global_norm)
+          'a function global_norm(grads) returning a scalar', solutions.global_norm, on_error=_shapes_hint)
 def check_global_norm(answer):
   for seed in (0, 1):
     grads = _grads(seed=seed)
@@ -35,6 +43,9 @@ def check_global_norm(answer):
                 (sum(n ** 2 for n in norms), 'the square root is missing: that is the squared norm'),
                 (norms[0], 'only the first array counted: sum over every leaf, jax.tree.leaves(grads)'),
                 (max(norms), 'that is the largest norm of one array; the global norm counts every array'),
+                (norms[-1], 'only the last array counted: sum over every leaf, jax.tree.leaves(grads)'),
+                (float(np.sqrt(np.mean(np.concatenate([np.ravel(g) ** 2 for g in jax.tree.leaves(grads)])))),
+                 'that is the root-MEAN-square: the global norm sums the squares, it does not average them'),
             ])
   return 'matches optax.tree.norm on a nested tree.'
 

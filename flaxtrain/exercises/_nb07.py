@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from flaxtrain.exercises import solutions
@@ -31,6 +32,10 @@ def check_nonfinite_paths(answer):
     tree = _tree(**where)
     expected = solutions.nonfinite_paths(tree)
     got = call(answer, tree)
+    if isinstance(got, (list, tuple)) and got and not all(isinstance(p, str) for p in got) and all(
+        isinstance(p, tuple) for p in got):
+      raise Fail(f'with {case}: you returned the paths as tuples of keys ({got[0]!r:.60}); turn each into a string '
+                 'with jax.tree_util.keystr(path)')
     if not isinstance(got, (list, tuple)) or not all(isinstance(p, str) for p in got):
       raise Fail(f'nonfinite_paths should return a list of strings (jax.tree_util.keystr(path)), got {got!r:.100}')
     got = list(got)
@@ -41,6 +46,12 @@ def check_nonfinite_paths(answer):
                  'jax.tree_util.tree_leaves_with_path')
     missing = [p for p in expected if p not in got]
     extra = [p for p in got if p not in expected]
+    if got == [str(p) for p, leaf in jax.tree_util.tree_leaves_with_path(tree) if not np.all(np.isfinite(leaf))]:
+      raise Fail(f'with {case}: you returned {got}: str(path) prints the key objects; '
+                 'jax.tree_util.keystr(path) gives the path as it is written in Python, e.g. "[\'out\'][\'kernel\']"')
+    if got == expected[:1] and len(expected) > 1:
+      raise Fail(f'with {case}: you returned only the first path, {got}; return every leaf that holds a NaN or an inf '
+                 f'({expected})')
     only_nan = solutions.nonfinite_paths(_tree(nan_at=where.get('nan_at')))
     if got == only_nan and 'inf' in case:
       raise Fail(f'with {case}: you found {got} but missed {missing}, which holds an inf: test with jnp.isfinite '

@@ -20,6 +20,10 @@ def check_epoch_mean(answer):
         (np.mean(means), 'that is the mean of the batch means, which gives the small last batch as much weight as '
                          'a full one: weight each batch mean by its number of examples'),
         (np.sum(np.asarray(means) * np.asarray(sizes)), 'that is the total; divide it by the number of examples'),
+        (np.sum(np.asarray(means) * np.asarray(sizes)) / len(sizes),
+         'you divided the total by the number of batches; divide it by the number of examples, sum(batch_sizes)'),
+        (np.average(means, weights=1 / np.asarray(sizes)),
+         'you weighted each batch by 1 / its size: weight it by its size, the number of examples it averages'),
     ])
   return 'each batch counts in proportion to its number of examples.'
 

@@ -6,9 +6,11 @@ checked on a one-device mesh by its PartitionSpec and by placing a batch.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flaxtrain.exercises import solutions
 from flaxtrain.exercises._core import Fail, call, exercise
@@ -32,36 +34,56 @@ def check_device_slice(answer):
         if rows == list(range(global_batch))[index::num_devices]:
           raise Fail(f'{at}: your slice is strided (rows {rows[:4]}...); jax places a batch sharded along '
                      f'its first axis in contiguous blocks: rows {expected.start} to {expected.stop - 1}')
-        if len(rows) == num_devices:
-          raise Fail(f'{at}: your slice holds {len(rows)} rows, one per device; each device holds '
+        if len(rows) == num_devices and num_devices != per:
+          raise Fail(f'{at}: your slice holds {len(rows)} rows, as many as there are devices; each device holds '
                      f'global_batch // num_devices = {per} rows')
+        if rows == list(range(global_batch))[expected.start:expected.stop - 1]:
+          raise Fail(f'{at}: your slice stops one row early (rows {expected.start} to {expected.stop - 2}): the stop '
+                     f'of a slice is exclusive, so slice({expected.start}, {expected.stop}) holds rows '
+                     f'{expected.start} to {expected.stop - 1}')
         raise Fail(f'{at}: your slice holds rows {rows[:1] + rows[-1:] if rows else []} (first, last), but it '
                    f'should hold rows {expected.start} to {expected.stop - 1}')
       covered += rows
     if sorted(covered) != list(range(global_batch)):
       raise Fail(f'for global_batch {global_batch} the slices of the {num_devices} devices do not cover the batch '
                  'exactly once')
-  try:
-    answer(10, 4, 0)
-  except ValueError:
-    pass
-  except NotImplementedError:
-    raise
-  except Exception as error:
-    raise Fail(f'for global_batch 10 and 4 devices your function raised {type(error).__name__}; raise a '
-               'ValueError that says 10 is not divisible by 4') from error
-  else:
-    raise Fail('for global_batch 10 and 4 devices the batch cannot be split evenly: raise a ValueError '
-               'instead of returning a slice')
+  for global_batch, num_devices in ((10, 4), (30, 4)):
+    try:
+      answer(global_batch, num_devices, 0)
+    except ValueError as error:
+      named = [n for n in (global_batch, num_devices) if not re.search(rf'(?<![\d.]){n}(?![\d.])', str(error))]
+      if named:
+        raise Fail(f'for global_batch {global_batch} and num_devices {num_devices} your ValueError says '
+                   f'"{error}", which does not name {" and ".join(map(str, named))}: say both numbers, e.g. '
+                   f"f'global_batch {{global_batch}} is not divisible by num_devices {{num_devices}}'") from None
+    except NotImplementedError:
+      raise
+    except Exception as error:
+      raise Fail(f'for global_batch {global_batch} and {num_devices} devices your function raised '
+                 f'{type(error).__name__}; raise a ValueError that says {global_batch} is not divisible by '
+                 f'{num_devices}') from error
+    else:
+      raise Fail(f'for global_batch {global_batch} and {num_devices} devices the batch cannot be split evenly: '
+                 'raise a ValueError (naming both numbers) instead of returning a slice')
   return 'contiguous equal blocks that cover the batch, and a clear error when it cannot be split.'
+
+
+def _mesh_axis_hint(error):
+  text = str(error).lower()
+  if 'not found in mesh' in text or ('mesh' in text and 'axis' in text):
+    return ("the PartitionSpec names the mesh's axes: this mesh has one axis, called 'data' "
+            "(mesh.axis_names), so split the batch with PartitionSpec('data')")
+  return None
 
 
 @exercise('10.2', 'a NamedSharding for data parallelism',
           'a function data_parallel_sharding(mesh) returning a jax.sharding.NamedSharding',
-          solutions.data_parallel_sharding)
+          solutions.data_parallel_sharding, on_error=_mesh_axis_hint)
 def check_sharding(answer):
   mesh = Mesh(np.array(jax.devices()[:1]), ('data',))
   got = call(answer, mesh)
+  if isinstance(got, PartitionSpec):
+    raise Fail(f'you returned the PartitionSpec {got} alone; wrap it with the mesh: NamedSharding(mesh, {got})')
   if not isinstance(got, NamedSharding):
     raise Fail(f'data_parallel_sharding should return a NamedSharding(mesh, PartitionSpec(...)), got '
                f'{type(got).__name__}')

@@ -12,7 +12,7 @@ from flaxtrain.exercises._core import Fail, call, compare, exercise
 @exercise('11.1', 'a causal attention mask', 'a function causal_mask(length) returning a bool (length, length) array',
           solutions.causal_mask)
 def check_causal_mask(answer):
-  for length in (1, 5):
+  for length in (5, 1):   # 5 first: at length 1 several mistakes coincide
     got = np.asarray(call(answer, length))
     expected = np.asarray(solutions.causal_mask(length))
     if got.shape == expected.shape and got.dtype != np.bool_ and not np.isin(got, (0, 1)).all():
@@ -23,6 +23,10 @@ def check_causal_mask(answer):
                              'triangular; yours lets position 0 see position 1'),
                 (np.tril(np.ones((length, length), bool), -1), 'the diagonal is False: each position may attend to '
                                                                'itself (k <= q, not k < q)'),
+                (~expected, 'the mask is inverted: True marks the keys a query MAY attend to (k <= q), not the '
+                            'future positions it must not see'),
+                (np.ones((length, length), bool), 'every position sees every other, the future included: keep only '
+                                                  'k <= q (jnp.tril, or positions[None, :] <= positions[:, None])'),
             ])
   # The same mask as Flax's helper, in Flax's layout (batch, heads, query, key).
   flax_mask = np.asarray(nnx.make_causal_mask(np.zeros((1, 5)), dtype=bool))[0, 0]
@@ -47,6 +51,12 @@ def check_inputs_and_targets(answer):
   if np.array_equal(inputs, targets):
     raise Fail(f'{at}: your targets equal your inputs, so the model would learn to copy its input; the target at '
                'position t is the token at t + 1')
+  if inputs.shape == (tokens.shape[0] - 1, tokens.shape[1]):
+    raise Fail(f'{at}: your inputs have shape {inputs.shape}: you shifted along the batch (axis 0); shift along the '
+               'positions (axis 1): tokens[:, :-1] and tokens[:, 1:]')
+  if inputs.shape == tokens.shape and np.array_equal(targets, np.roll(tokens, -1, axis=1)):
+    raise Fail(f'{at}: np.roll wraps the first token around to the end, so the last target is not the next token '
+               'but the first one; slice instead: tokens[:, :-1] and tokens[:, 1:] (one position shorter)')
   compare(inputs, expected_inputs, what='your inputs', at=at, index_names=('row', 'position'))
   compare(targets, expected_targets, what='your targets', at=at, index_names=('row', 'position'))
   return 'targets are the inputs shifted by one: position t predicts token t + 1.'
