@@ -194,16 +194,8 @@ def _check_compatible(name: str, target: Any, stored: Any, path: pathlib.Path) -
       )
 
 
-def _gone(path: pathlib.Path) -> bool:
-  """Whether ``path`` was deleted, or is being deleted: a rotating writer's rmtree takes a moment."""
-  if not path.exists():
-    return True
-  time.sleep(0.05)
-  return not path.exists()
-
-
 def _unreadable(path: pathlib.Path, error: BaseException) -> _Unusable | _Vanished:
-  if _gone(path):
+  if not path.exists():
     return _Vanished(str(path))
   message = str(error).strip().splitlines()[0] if str(error).strip() else ''
   return _Unusable(
@@ -537,18 +529,22 @@ class Checkpoints:
     """The steps of the complete ``which`` checkpoints in the directory, oldest first."""
     if which not in _KINDS:
       raise ValueError(f"which: expected 'latest' or 'best', got {which!r}")
-    for attempt in range(_READ_ATTEMPTS):
-      manager = self._manager(which)
-      if manager is None:
-        return []
+    for _ in range(_READ_ATTEMPTS):
       try:
+        manager = self._manager(which)
+        if manager is None:
+          return []
         manager.reload()
         return sorted(manager.all_steps())
-      except FileNotFoundError:  # a step was deleted while orbax listed it: list again
+      except OSError as error:  # a step was deleted while orbax listed it (a writer rotating): list again
+        failure = error
         self._close_managers()
-        if attempt == _READ_ATTEMPTS - 1:
-          raise
-    return []  # not reached
+        time.sleep(0.02)
+    raise CheckpointError(
+        f'checkpoint directory: cannot list the checkpoints in {self.directory / which} '
+        f'({type(failure).__name__}: {failure}), {_READ_ATTEMPTS} times; if a writer is rotating them, '
+        'list again'
+    ) from failure
 
   def step(self, which: Literal['latest', 'best'] = 'latest') -> int | None:
     """The step of the newest ``which`` checkpoint, or None if there is none."""
@@ -832,6 +828,8 @@ class Checkpoints:
       try:
         restored = self._read(which, step, targets)
       except _Unusable as error:
+        if self.steps(which) != steps:  # being rotated away as it was read, not corrupt: start again
+          raise _Vanished(str(path)) from error
         skipped.append((step, str(error)))
         errors.append(error)
         continue
