@@ -27,7 +27,7 @@ ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 LAB_DIR ?= notebooks
 LAB_FLAGS ?=
 lab: $(STAMP)
-	$(BIN)/jupyter lab --notebook-dir="$(LAB_DIR)" --ServerApp.ip=127.0.0.1 --MappingKernelManager.default_kernel_name=flaxtrain $(ALLOW_ROOT) $(LAB_FLAGS)
+	JUPYTER_CONFIG_PATH="$(CURDIR)/tools/jupyter$${JUPYTER_CONFIG_PATH:+:$$JUPYTER_CONFIG_PATH}" $(BIN)/jupyter lab --notebook-dir="$(LAB_DIR)" --ServerApp.ip=127.0.0.1 --MappingKernelManager.default_kernel_name=flaxtrain $(ALLOW_ROOT) $(LAB_FLAGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

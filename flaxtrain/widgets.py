@@ -13,11 +13,16 @@ expression of a cell:
   built by :func:`flaxtrain.make_optimizer`, walking the same 2-D loss surface.
 
 In a kernel started by a Jupyter server (JupyterLab, Notebook 7) an explorer
-is a live ipywidget, with a PNG of its starting figure as the fallback a saved
-notebook keeps. In a notebook executed headless to be stored (nbclient,
-``make notebooks``) it shows that PNG and prints its values instead, so the
-stored notebook shows the default settings to a reader on a code host, where
-widgets cannot run. ``explorer.widget`` is the live widget itself, to display
+is a live ipywidget, displayed as one output that also holds a PNG of its
+starting figure and its values as text. JupyterLab shows the widget while the
+kernel that made it runs; once that kernel is gone (the notebook reopened
+later) it would show "Error displaying widget: model not found" instead of the
+PNG, so ``make lab`` saves such outputs as their PNG and text only (a pre-save
+hook in ``tools/jupyter/jupyter_server_config.py``): a saved notebook shows the
+static image in JupyterLab, in nbconvert and on a code host. In a notebook
+executed headless to be stored (nbclient, ``make notebooks``) an explorer shows
+that PNG and prints its values, so the stored notebook shows the default
+settings to a reader on a code host, where widgets cannot run. ``explorer.widget`` is the live widget itself, to display
 explicitly in a front end that supports widgets but is not detected (e.g. an
 editor that starts kernels itself).
 
@@ -56,6 +61,9 @@ from flaxtrain.schedules import warmup_cosine
 __all__ = ['schedule_explorer', 'clipping_explorer', 'optimizer_explorer']
 
 STATIC_NOTE = 'Static image of the default settings: run the notebook in JupyterLab to move the sliders.'
+SAVED_NOTE = 'Static image of the settings the explorer started with: run the cell again to move the sliders.'
+SLIDER_WIDTH = '500px'        # about 280 px of track (it was about 70): fine enough to drag
+DESCRIPTION_WIDTH = '150px'
 
 
 def _widget_frontend() -> bool:
@@ -166,7 +174,8 @@ class Explorer:
     if self._syncing:
       return
     try:  # every control's value: one moved into a refused combination counts once another fixes it
-      self.set(**{**{n: c.value for n, c in self._controls.items()}, name: value})
+      settings = self._constrain({**{n: c.value for n, c in self._controls.items()}, name: value}, name)
+      self.set(**settings)
     except Exception as error:  # a callback must never raise: show it instead
       self._show_message(f'{name}: {type(error).__name__}: {error}')
 
@@ -175,6 +184,7 @@ class Explorer:
       return
     self._syncing = True
     try:
+      self._after_sync()   # ranges first, so that no new value is clamped by an old range
       for name, control in self._controls.items():
         if not _same(control.value, self.settings[name]):
           control.value = self.settings[name]
@@ -183,7 +193,11 @@ class Explorer:
       self._syncing = False
 
   def _after_sync(self) -> None:
-    """Hook: adjust controls (e.g. enable or disable them) after settings change."""
+    """Hook: adjust controls (enable or disable them, tie one's range to another's value) after settings change."""
+
+  def _constrain(self, settings: dict[str, Any], moved: str) -> dict[str, Any]:
+    """Hook: the settings a slider move asks for, kept inside the ranges that make them valid together."""
+    return settings
 
   def _build(self) -> None:
     if self._ui is not None:
@@ -195,9 +209,9 @@ class Explorer:
     self._message = w.HTML('')
     self._image = w.Image(value=self.png, format='png')
     self._values = w.HTML(f'<pre style="margin:0">{html.escape(self.text)}</pre>')
-    boxes = list(self._controls.values())
-    rows = [w.HBox(boxes[i:i + 3]) for i in range(0, len(boxes), 3)]
-    self._ui = w.VBox([*rows, self._message, self._image, self._values])
+    controls = w.Box(list(self._controls.values()),   # as many wide sliders per row as fit, then the next row
+                     layout=w.Layout(display='flex', flex_flow='row wrap'))
+    self._ui = w.VBox([controls, self._message, self._image, self._values])
     self._syncing = True
     try:
       self._after_sync()
@@ -208,9 +222,11 @@ class Explorer:
   def _ipython_display_(self) -> None:
     from IPython.display import display
     if _widget_frontend():
+      # One output: the live widget, and the static image and values for wherever the widget cannot show
+      # (nbconvert, a code host, and JupyterLab once `make lab`'s pre-save hook has dropped the widget view).
       bundle = self.widget._repr_mimebundle_()
-      bundle['image/png'] = self.png  # what a saved notebook shows where widgets cannot run
-      bundle['text/plain'] = f'<{type(self).__name__}: a live widget; the PNG shows the settings it started with>'
+      bundle['image/png'] = self.png
+      bundle['text/plain'] = f'{self.text}\n{SAVED_NOTE}'
       display(bundle, raw=True)
     else:
       display({'image/png': self.png, 'text/plain': f'<{type(self).__name__} (static image)>'}, raw=True)
@@ -227,7 +243,8 @@ def _same(a: Any, b: Any) -> bool:
 
 def _slider_style() -> dict[str, Any]:
   import ipywidgets as w
-  return dict(style={'description_width': '9em'}, layout=w.Layout(width='22em'), continuous_update=False)
+  return dict(style={'description_width': DESCRIPTION_WIDTH}, layout=w.Layout(width=SLIDER_WIDTH),
+              continuous_update=False)
 
 
 # Learning-rate schedules (notebook 04).
@@ -342,7 +359,15 @@ class ScheduleExplorer(Explorer):
         'staircase': w.Checkbox(value=s['staircase'], description='staircase', indent=False, layout=style['layout']),
     }
 
+  def _constrain(self, settings: dict[str, Any], moved: str) -> dict[str, Any]:
+    # A warmup longer than the run is refused by warmup_cosine: the warmup slider ends at the total steps,
+    # and shortening the run below the warmup pulls the warmup down with it.
+    if moved == 'total_steps' and settings['warmup_steps'] > settings['total_steps']:
+      return {**settings, 'warmup_steps': settings['total_steps']}
+    return settings
+
   def _after_sync(self) -> None:
+    self._controls['warmup_steps'].max = self.settings['total_steps']
     cosine = self.settings['kind'] == 'warmup_cosine'
     for name in ('warmup_steps', 'alpha'):
       self._controls[name].disabled = not cosine

@@ -93,16 +93,43 @@ def test_bad_schedule_settings_show_a_message_and_keep_the_figure(setting, value
   assert explorer.set(warmup_steps=50) and explorer.message == '' and widget_message.value == ''
 
 
-def test_a_slider_into_a_bad_setting_shows_a_message_not_a_traceback():
+def test_the_warmup_slider_ends_at_the_total_steps_so_no_slider_move_is_refused():
   explorer = ft.widgets.schedule_explorer(1e-3, total_steps=300, warmup_steps=100)
-  explorer.controls['total_steps'].value = 50          # now shorter than the warmup
-  assert explorer.message.startswith('warmup_steps: expected at most total_steps (50)')
-  assert explorer.settings['total_steps'] == 300
-  explorer.controls['warmup_steps'].value = 20         # fixing it redraws with both sliders' values
-  assert explorer.message == '' and explorer.settings['total_steps'] == 50
+  warmup, total, alpha = (explorer.controls[k] for k in ('warmup_steps', 'total_steps', 'alpha'))
+  assert warmup.max == 300 and total.max == 600
+  warmup.value = 450                                   # past the end of its track: the slider stops at the total
+  assert warmup.value == 300 and explorer.settings['warmup_steps'] == 300 and explorer.message == ''
+  total.value = 50                                     # a run shorter than the warmup pulls the warmup down
+  assert (explorer.settings['total_steps'], explorer.settings['warmup_steps']) == (50, 50)
+  assert (warmup.value, warmup.max) == (50, 50) and explorer.message == ''
+  total.value = 400
+  assert warmup.max == 400 and warmup.value == 50
+  alpha.value = 0.2                                    # every other slider keeps taking effect
+  assert explorer.settings['alpha'] == 0.2 and explorer.message == ''
+  np.testing.assert_allclose(explorer.values['rates'],
+                             _on_steps(ft.warmup_cosine(1e-3, 400, 50, alpha=0.2), explorer.values['steps']),
+                             rtol=1e-6, atol=1e-12)
+  assert explorer.set(warmup_steps=500) is False      # the Python API still refuses, with the library's message
+  assert explorer.message.startswith('warmup_steps: expected at most total_steps (400)')
+  alpha.value = 0.3                                    # and a refused set() freezes no slider
+  assert explorer.settings['alpha'] == 0.3 and explorer.message == ''
+  assert explorer.set(total_steps=600, warmup_steps=550)   # both at once: the new range applies before the value
+  assert (warmup.value, warmup.max) == (550, 600)
   explorer.controls['kind'].value = 'exponential_decay'
   assert explorer.set(peak_value=-1.0) is False
   assert explorer.message.startswith('peak_value:')     # the explorer's name, not the builder's init_value
+
+
+def test_sliders_are_wide_enough_to_drag():
+  import ipywidgets
+  for explorer in (ft.widgets.schedule_explorer(), ft.widgets.clipping_explorer([0.5, 2.0]),
+                   ft.widgets.optimizer_explorer(num_steps=5)):
+    sliders = [c for c in explorer.controls.values()
+               if isinstance(c, (ipywidgets.IntSlider, ipywidgets.FloatSlider, ipywidgets.FloatLogSlider))]
+    assert sliders
+    for slider in sliders:
+      assert slider.layout.width == widgets.SLIDER_WIDTH and slider.style.description_width == widgets.DESCRIPTION_WIDTH
+    assert int(widgets.SLIDER_WIDTH.removesuffix('px')) - int(widgets.DESCRIPTION_WIDTH.removesuffix('px')) >= 300
 
 
 @pytest.mark.parametrize('kwargs, named', [
@@ -288,6 +315,45 @@ def test_with_a_widget_front_end_the_explorer_is_a_widget_with_a_png_fallback(mo
   assert len(shown) == 1
   assert shown[0]['application/vnd.jupyter.widget-view+json']['model_id'] == explorer.widget.model_id
   assert shown[0]['image/png'] == explorer.png and capsys.readouterr().out == ''
+  assert shown[0]['text/plain'] == f'{explorer.text}\n{widgets.SAVED_NOTE}'   # the values, wherever text is shown
+
+
+# Saving: `make lab` keeps an explorer's static image in the file, not a widget view that cannot show later.
+
+def _server_config():
+  import runpy
+
+  import traitlets.config
+  config = traitlets.config.Config()
+  path = pathlib.Path(__file__).parent.parent / 'tools' / 'jupyter' / 'jupyter_server_config.py'
+  namespace = runpy.run_path(str(path), init_globals={'get_config': lambda: config})
+  return config, namespace['keep_static_fallbacks']
+
+
+def test_make_lab_saves_an_explorer_as_its_static_image():
+  config, hook = _server_config()
+  assert config.ContentsManager.pre_save_hook is hook
+  view = {'version_major': 2, 'version_minor': 0, 'model_id': 'abc'}
+  explorer = {'output_type': 'display_data', 'metadata': {},
+              'data': {'application/vnd.jupyter.widget-view+json': view, 'image/png': 'iVBOR', 'text/plain': 'values'}}
+  progress = {'output_type': 'display_data', 'metadata': {},
+              'data': {'application/vnd.jupyter.widget-view+json': dict(view), 'text/plain': 'HBox()'}}
+  stream = {'output_type': 'stream', 'name': 'stdout', 'text': 'hi'}
+  model = {'type': 'notebook', 'content': {'cells': [
+      {'cell_type': 'markdown', 'source': 'x'},
+      {'cell_type': 'code', 'source': '', 'outputs': [explorer, progress, stream]}]}}
+  assert hook(model, path='x.ipynb', contents_manager=None) == 1
+  assert explorer['data'] == {'image/png': 'iVBOR', 'text/plain': 'values'}          # the fallback only
+  assert 'application/vnd.jupyter.widget-view+json' in progress['data'] and stream['text'] == 'hi'
+  assert hook({'type': 'file', 'content': 'text'}) == 0 and hook({'type': 'notebook', 'content': None}) == 0
+
+
+def test_make_lab_passes_the_server_config():
+  import subprocess
+  root = pathlib.Path(__file__).parent.parent
+  command = subprocess.run(['make', '-n', '-o', '.venv/.flaxtrain-installed', 'lab'], cwd=root, capture_output=True,
+                           text=True, check=True).stdout
+  assert f'JUPYTER_CONFIG_PATH="{root}/tools/jupyter' in command and 'jupyter lab' in command, command
 
 
 def test_widget_front_end_is_a_jupyter_server_session_or_an_open_control_comm(monkeypatch):
