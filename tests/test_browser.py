@@ -254,6 +254,69 @@ def test_explorer_redraws_when_a_slider_moves(page, lab, screenshots):
   assert not cell.locator('.widget-html span').count(), 'the explorer shows a message after a valid move'
 
 
+SLIDER_TRACKS_JS = """(cell) => Array.from(cell.querySelectorAll('.widget-slider .noUi-target')).map(
+    t => Math.round(t.getBoundingClientRect().width))"""
+
+
+def run_explorer_cell(page, lab, name, call, needs=()):
+  """Opens ``name``, clears its outputs, runs its first code cell, the cells that define ``needs`` and the cell
+  calling ``call``; returns the explorer cell's index."""
+  nb = notebook(lab, name)
+  code = [i for i, c in enumerate(nb.cells) if c.cell_type == 'code']
+  explorer = next(i for i in code if call in nb.cells[i].source)
+  run = [code[0]] + [next(i for i in code if need in nb.cells[i].source) for need in needs] + [explorer]
+  jl.open_notebook(page, lab, name, len(nb.cells))
+  jl.menu(page, 'Edit', 'Clear Outputs of All Cells')
+  for i in run:
+    page.locator(f'{jl.PANEL} .jp-Notebook .jp-Cell').nth(i).locator('.cm-content').click()
+    page.keyboard.press('Control+Enter')
+  jl.wait_for_idle(page, lab, name, executed=run, timeout=RUN_TIMEOUT)
+  page.locator(f'{jl.PANEL} .jp-Notebook .jp-Cell').nth(explorer).locator('.widget-image').wait_for(timeout=60_000)
+  return explorer
+
+
+def test_explorer_run_saved_and_reopened_shows_its_static_image(page, lab, screenshots):
+  """Run the explorer, save, shut the kernel down, reopen: the saved image shows, not "model not found"."""
+  explorer = run_explorer_cell(page, lab, EXPLORER, 'ft.widgets.optimizer_explorer(')
+  cell = page.locator(f'{jl.PANEL} .jp-Notebook .jp-Cell').nth(explorer)
+  tracks = cell.evaluate(SLIDER_TRACKS_JS)
+  assert len(tracks) == 5 and min(tracks) >= 250, f'slider tracks {tracks} px wide: too short to drag finely'
+  jl.screenshot(page, explorer, screenshots / 'explorer-live-before-save.png')
+
+  saved = jl.save(page, lab, EXPLORER)
+  kept = [sorted(o.get('data', {})) for o in saved.cells[explorer].outputs]
+  assert kept == [['image/png', 'text/plain']], f'the saved explorer cell holds {kept}, not its static image'
+  assert 'SGD ' in saved.cells[explorer].outputs[0].data['text/plain']   # and its values, as text
+
+  lab.shut_down_sessions()                 # the kernel that held the widget is gone
+  jl.open_notebook(page, lab, EXPLORER, len(saved.cells))
+  jl.load_images(page)
+  shown = jl.cells(page)[explorer]
+  jl.screenshot(page, explorer, screenshots / 'explorer-reopened-after-save.png')
+  text = ' '.join(o['text'] for o in shown['outputs'])
+  assert 'Error displaying widget' not in text and 'Loading widget' not in text, text
+  assert len(shown['images']) == 1 and shown['images'][0]['complete'] and shown['images'][0]['width'] > 0, shown
+
+
+def test_schedule_explorer_warmup_slider_ends_at_the_total_steps(page, lab, screenshots):
+  """In the browser, the warmup slider's end follows the total steps: no move reaches a refused setting."""
+  name = '04_learning_rate_schedules.ipynb'
+  explorer = run_explorer_cell(page, lab, name, 'ft.widgets.schedule_explorer(', needs=('PEAK = ', 'ALPHA = '))
+  cell = page.locator(f'{jl.PANEL} .jp-Notebook .jp-Cell').nth(explorer)
+  warmup = cell.locator('.widget-slider', has_text='warmup steps')
+  warmup.locator('.noUi-handle').focus()
+  page.keyboard.press('End')                 # the far end of the warmup track
+  total = cell.locator('.widget-slider', has_text='total steps').locator('.widget-readout').inner_text()
+  deadline = time.monotonic() + 60
+  while warmup.locator('.widget-readout').inner_text() != total:
+    assert time.monotonic() < deadline, (f'the warmup slider ends at {warmup.locator(".widget-readout").inner_text()},'
+                                         f' not at the total steps {total}')
+    time.sleep(0.5)
+  jl.wait_for_idle(page, lab, name, executed=[explorer], timeout=60)
+  jl.screenshot(page, explorer, screenshots / 'schedule-explorer-warmup-at-end.png')
+  assert not cell.locator('.widget-html span').count(), 'the explorer shows a message after a move its range allows'
+
+
 # The checks themselves, on text a page can show (no browser needed).
 
 @pytest.mark.parametrize('text, problem', [
