@@ -75,6 +75,15 @@ class DynamicLossScale(struct.PyTreeNode):
   backoff_factor: float = struct.field(pytree_node=False, default=0.5)
   min_scale: float = struct.field(pytree_node=False, default=1.0)
 
+  def __post_init__(self) -> None:
+    """Checks a scale given as a host number when the state is built by hand.
+
+    Kept to a type test otherwise: the state is rebuilt at every jitted step.
+    Everything else is checked at first use, by :func:`check_loss_scale`.
+    """
+    if type(self.scale) in (int, float):  # pylint: disable=unidiomatic-typecheck
+      _check_scale_value(float(self.scale), self.min_scale)
+
 
 def dynamic_loss_scale(
     initial_scale: float = 2.0**15,
@@ -127,6 +136,24 @@ def _positive_float32(value: float) -> bool:
   return 0.0 < value <= float(np.finfo(np.float32).max)
 
 
+def _check_static_fields(loss_scale: DynamicLossScale) -> None:
+  _checks.check_int('DynamicLossScale.growth_interval', loss_scale.growth_interval)
+  _checks.check_real('DynamicLossScale.growth_factor', loss_scale.growth_factor,
+                     expected='a finite number > 1', valid=lambda v: v > 1.0)
+  _checks.check_real('DynamicLossScale.backoff_factor', loss_scale.backoff_factor,
+                     expected='a number in (0, 1)', valid=lambda v: 0.0 < v < 1.0)
+  _checks.check_real('DynamicLossScale.min_scale', loss_scale.min_scale,
+                     expected='a finite float32 number > 0', valid=_positive_float32)
+
+
+def _check_scale_value(scale: float, min_scale: float) -> None:
+  if not (_positive_float32(scale) and scale >= min_scale):
+    raise ValueError(
+        f'DynamicLossScale.scale: expected a finite float32 number >= min_scale ({min_scale}), got {scale}; '
+        'build the state with ft.dynamic_loss_scale(initial_scale), which checks every field'
+    )
+
+
 def _check_loss_scale(loss_scale: Any) -> None:
   if not isinstance(loss_scale, DynamicLossScale):
     raise TypeError(
@@ -138,6 +165,9 @@ def _check_loss_scale(loss_scale: Any) -> None:
         'loss_scale: expected scale to be a float32 scalar, got '
         f'shape {jnp.shape(loss_scale.scale)} dtype {jnp.asarray(loss_scale.scale).dtype}'
     )
+  _check_static_fields(loss_scale)
+  if not isinstance(loss_scale.scale, jax.core.Tracer):  # a concrete scale: its value too
+    _check_scale_value(float(loss_scale.scale), loss_scale.min_scale)
 
 
 def _check_floating_leaves(name: str, tree: Any) -> list[tuple[Any, Any]]:

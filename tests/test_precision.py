@@ -256,3 +256,32 @@ def test_param_bytes_ignores_batch_norm_statistics_and_rejects_non_modules():
   assert precision.param_bytes(model) < sum(x.size * x.dtype.itemsize for x in everything)
   with pytest.raises(TypeError, match='model: expected an nnx.Module, got dict'):
     precision.param_bytes({'w': jnp.ones(3)})
+
+
+@pytest.mark.parametrize('scale', [0.0, -8.0, float('inf'), float('nan'), 0.5])
+def test_a_hand_built_loss_scale_with_a_bad_scale_is_named_at_once_or_at_first_use(scale):
+  with pytest.raises(ValueError, match=r'DynamicLossScale\.scale: expected a finite float32 number >= min_scale'):
+    ft.DynamicLossScale(scale=scale, good_steps=0)  # a host number: checked when built
+  with pytest.raises(ValueError, match=r'DynamicLossScale\.scale: .* got 0\.0'):
+    ft.dynamic_loss_scale(8.0).replace(scale=0.0)
+  built = ft.DynamicLossScale(scale=jnp.float32(scale), good_steps=jnp.int32(0))  # an array: checked at first use
+  with pytest.raises(ValueError, match=r'DynamicLossScale\.scale: expected a finite float32 number >= min_scale'):
+    ft.scale_loss(jnp.float32(1.0), built)
+
+
+@pytest.mark.parametrize('field, value, match', [
+    ('growth_interval', 0, 'DynamicLossScale.growth_interval: expected a positive int'),
+    ('growth_factor', 1.0, 'DynamicLossScale.growth_factor: expected a finite number > 1'),
+    ('backoff_factor', 1.5, r'DynamicLossScale.backoff_factor: expected a number in \(0, 1\)'),
+    ('min_scale', -1.0, 'DynamicLossScale.min_scale: expected a finite float32 number > 0'),
+])
+def test_a_hand_built_loss_scale_with_bad_static_fields_is_named_at_first_use(field, value, match):
+  built = ft.DynamicLossScale(scale=jnp.float32(8.0), good_steps=jnp.int32(0), **{field: value})
+  with pytest.raises(ValueError, match=match):
+    ft.scale_loss(jnp.float32(1.0), built)
+
+
+def test_a_good_loss_scale_still_goes_through_jit():
+  loss_scale = ft.dynamic_loss_scale(8.0, growth_interval=1)
+  adjusted = jax.jit(ft.adjust_loss_scale)(loss_scale, jnp.bool_(True))
+  assert float(adjusted.scale) == 16.0 and adjusted.growth_interval == 1
