@@ -18,11 +18,14 @@ import pathlib
 import pkgutil
 import re
 import shutil
+import sys
 
 from docutils import nodes
 
 DOCS = pathlib.Path(__file__).resolve().parent
 ROOT = DOCS.parent
+sys.path.insert(0, str(ROOT))  # document the flaxtrain of this tree, whatever else is installed
+
 NOTEBOOK = re.compile(r'\(notebooks/(\d\d_[A-Za-z0-9_]+)\.ipynb\)')  # a README link to a notebook
 
 
@@ -55,9 +58,10 @@ def write_api_pages(app) -> None:
   api = DOCS / 'api'
   api.mkdir(exist_ok=True)
   modules = public_modules()
-  for module in modules:
-    write_if_changed(api / f'{module}.md', f'# `{module}`\n\n```{{automodule}} {module}\n:members:\n```\n')
-  for stale in api.glob('flaxtrain*.md'):  # a module that was removed or renamed
+  for module in modules:  # reStructuredText: autodoc writes reST, which a Markdown page would not parse
+    title = f'``{module}``'
+    write_if_changed(api / f'{module}.rst', f'{title}\n{"=" * len(title)}\n\n.. automodule:: {module}\n')
+  for stale in api.glob('flaxtrain*.rst'):  # a module that was removed or renamed
     if stale.stem not in modules:
       stale.unlink()
 
@@ -128,7 +132,7 @@ extensions = [
 # files or checkpoints that runs leave behind), and the folders below are not even walked.
 root_doc = 'README'
 include_patterns = ['README.md', 'notebooks/[0-9][0-9]_*.ipynb', 'notebooks/README.md',
-                    'benchmarks/README.md', 'docs/api.md', 'docs/api/flaxtrain*.md']
+                    'benchmarks/README.md', 'docs/api.md', 'docs/api/flaxtrain*.rst']
 exclude_patterns = ['.*', '**/.*', 'build', 'dist', '*.egg-info', 'flaxtrain', 'tests', 'tools',
                     'notebooks/_scratch', 'notebooks/checkpoints', 'checkpoints', 'runs']
 
@@ -161,6 +165,7 @@ html_theme_options = {
     'show_toc_level': 2,
     'use_download_button': False,
     'use_fullscreen_button': False,
+    'navbar_persistent': [],  # one search box, in the sidebar
 }
 
 
