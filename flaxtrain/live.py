@@ -13,9 +13,12 @@ already holds, so call them where the loop already brings metrics to the host
 
 from __future__ import annotations
 
+import difflib
 import io
+import numbers
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -80,8 +83,13 @@ class LivePlot:
         'min_interval', min_interval, expected='a number >= 0', valid=lambda v: v >= 0)
     if isinstance(log_scale, str) or not set(log_scale) <= set(metrics):
       raise ValueError(f'log_scale: expected a sequence of names from metrics {list(metrics)}, got {log_scale!r}')
+    if figsize is not None and not (
+        isinstance(figsize, (tuple, list)) and len(figsize) == 2
+        and all(isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 < v < 1000 for v in figsize)):
+      raise ValueError(f'figsize: expected (width, height) in inches, two numbers in (0, 1000), got {figsize!r}')
     self.metrics, self.log_scale = tuple(metrics), tuple(log_scale)
     self.figure = Figure(figsize=figsize or (4.5 * len(self.metrics), 3.5), layout='constrained')
+    self._warned: set[str] = set()
     self.axes = self.figure.subplots(1, len(self.metrics), squeeze=False)[0]
     self.redraws = 0
     self._last = -float('inf')
@@ -112,9 +120,25 @@ class LivePlot:
         plot_history(history, metric, ax=ax, log_scale=metric in self.log_scale)
       except ValueError:  # not recorded yet
         ax.set_title(f'{metric} (not recorded yet)')
+    self._warn_unknown(history)
     self.redraws += 1
     self.show()
     return True
+
+  def _warn_unknown(self, history: History) -> None:
+    """Warns once per metric that is still not recorded after a whole epoch: a misspelled name."""
+    epochs = history.epochs()
+    if not len(epochs['epoch']):
+      return  # before the first epoch ends, val_ metrics are legitimately missing
+    known = {name for name in history.steps() if name != 'step'}
+    known |= {name.split('_', 1)[1] for name in epochs if name.startswith(('train_', 'val_'))}
+    for metric in self.metrics:
+      if metric not in known and metric not in self._warned:
+        self._warned.add(metric)
+        close = difflib.get_close_matches(metric, sorted(known), n=1)
+        hint = f' Did you mean {close[0]!r}?' if close else ''
+        warnings.warn(f'metrics: nothing named {metric!r} was recorded in a whole epoch; the recorded '
+                      f'metrics are {sorted(known)}.{hint}', RuntimeWarning, stacklevel=3)
 
   def show(self) -> None:
     """Puts the current figure in the notebook output, replacing the previous one."""

@@ -1,5 +1,7 @@
 """LivePlot and the notebook progress bar: what they draw and store, headless."""
 
+import warnings
+
 import numpy as np
 import optax
 import pytest
@@ -67,8 +69,24 @@ def test_unforced_updates_are_rate_limited():
 
 def test_a_metric_not_recorded_yet_leaves_its_axes_blank():
   plot = ft.LivePlot(('loss', 'grad_norm'), min_interval=0)
-  plot.update(_history(5, 1))
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')  # before an epoch ends, a missing metric is no mistake
+    plot.update(_history(5, 0))
   assert plot.axes[1].get_lines() == [] and 'not recorded' in plot.axes[1].get_title()
+
+
+def test_a_misspelled_metric_is_named_once_a_whole_epoch_was_recorded():
+  plot = ft.LivePlot(('loss', 'acuracy'), min_interval=0)
+  with pytest.warns(RuntimeWarning, match=r"nothing named 'acuracy' was recorded in a whole epoch; the recorded "
+                                          r"metrics are \['accuracy', 'loss'\]. Did you mean 'accuracy'\?"):
+    plot.update(_history(5, 1))
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')  # once per metric, not at every redraw
+    plot.update(_history(6, 2))
+  assert 'not recorded' in plot.axes[1].get_title()
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')  # val_ and train_ metrics count under their plain names
+    ft.LivePlot(('loss', 'accuracy'), min_interval=0).update(_history(5, 1))
 
 
 @pytest.mark.parametrize('kwargs, match', [
@@ -76,6 +94,10 @@ def test_a_metric_not_recorded_yet_leaves_its_axes_blank():
     (dict(metrics=()), 'metrics: expected a non-empty sequence'),
     (dict(min_interval=-1), 'min_interval: expected a number >= 0'),
     (dict(metrics=('loss',), log_scale=('accuracy',)), 'log_scale: expected'),
+    (dict(figsize=(0, 3)), r'figsize: expected \(width, height\) in inches, two numbers in \(0, 1000\), got \(0, 3\)'),
+    (dict(figsize=(8,)), r'figsize: expected \(width, height\)'),
+    (dict(figsize='big'), r"figsize: expected .* got 'big'"),
+    (dict(figsize=(-4, 3)), r'figsize: expected'),
 ])
 def test_liveplot_validates_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
