@@ -44,11 +44,12 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 
 # The website: README, stored notebooks (never executed) and API reference, built by Sphinx from
-# docs/conf.py with warnings as errors. Open $(SITE_DIR)/html/index.html; tests/test_site.py builds
+# docs/conf.py with warnings as errors, from scratch each time (-E: an incremental build would not
+# repeat the warnings of the pages it skips). Open $(SITE_DIR)/html/index.html; tests/test_site.py builds
 # it into a temporary SITE_DIR.
 SITE_DIR ?= build/site
 site: $(STAMP)
-	$(BIN)/python -m sphinx -b html -c docs -d "$(SITE_DIR)/doctrees" -W --keep-going -q . "$(SITE_DIR)/html"
+	$(BIN)/python -m sphinx -b html -c docs -d "$(SITE_DIR)/doctrees" -E -W --keep-going -q . "$(SITE_DIR)/html"
 	@echo "site: $(SITE_DIR)/html/index.html"
 
 clean:

@@ -422,3 +422,17 @@ def test_stored_notebook_ends_with_checked_exercises(path):
   assert heading is not None, f'{path.name} has no "## Exercises" section'
   assert checked == expected, (path.name, checked)
   assert any("ft.exercises.solution('" in c.source for c in nb.cells[heading:]), path.name
+
+
+def test_device_slice_error_names_both_numbers_as_whole_numbers():
+  def raising(message):
+    def device_slice(global_batch, num_devices, device_index):
+      if global_batch % num_devices:
+        raise ValueError(message.format(n=global_batch, d=num_devices))
+      return S.device_slice(global_batch, num_devices, device_index)
+    return device_slice
+
+  assert outcome('10.1', raising('cannot split {n} rows over {d}.')).passed         # a full stop after a number
+  assert outcome('10.1', raising('{n} % {d} != 0')).passed
+  message = outcome('10.1', raising('batch {n}0 over {d}.5 devices')).message       # 100 and 4.5 name neither
+  assert 'which does not name 10 and 4' in message, message

@@ -64,7 +64,7 @@ def _stacked(k=5):
 
 
 def _has_scan(jaxpr) -> bool:
-  """Whether the printed jaxpr (nested jaxprs included) holds a ``scan``: jax.lax.scan, or fori_loop over a fixed range."""
+  """Whether the printed jaxpr, nested jaxprs included, holds a ``scan`` (jax.lax.scan, or a fixed-range fori_loop)."""
   return re.search(r'\bscan\[', str(jaxpr)) is not None
 
 

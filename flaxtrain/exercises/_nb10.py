@@ -51,7 +51,9 @@ def check_device_slice(answer):
     try:
       answer(global_batch, num_devices, 0)
     except ValueError as error:
-      named = [n for n in (global_batch, num_devices) if not re.search(rf'(?<![\d.]){n}(?![\d.])', str(error))]
+      # each number as a whole number: "4" in "over 4." counts, in "40" or "4.5" it does not
+      named = [n for n in (global_batch, num_devices)
+               if not re.search(rf'(?<!\d)(?<!\d\.){n}(?!\d)(?!\.\d)', str(error))]
       if named:
         raise Fail(f'for global_batch {global_batch} and num_devices {num_devices} your ValueError says '
                    f'"{error}", which does not name {" and ".join(map(str, named))}: say both numbers, e.g. '

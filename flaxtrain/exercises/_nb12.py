@@ -56,7 +56,8 @@ def check_split_indices(answer):
   other_train, other_val = _indices(answer, n, fraction, 1)
   if np.array_equal(np.sort(val), np.sort(other_val)):
     raise Fail(f'for n={n}: seeds 0 and 1 gave the same validation set; the seed should choose the shuffle')
-  return 'the right sizes (rounded, for three n), disjoint, shuffled, the same for the same seed and different for another.'
+  return ('the right sizes (rounded, for three n), disjoint, shuffled, the same for the same seed and different for '
+          'another.')
 
 
 def _argmax_hint(error):
