@@ -395,9 +395,11 @@ def schedule_explorer(
   ``kind='exponential_decay'`` draws :func:`flaxtrain.exponential_decay`
   with ``peak_value`` as its initial rate (``transition_steps``,
   ``decay_rate``, ``staircase``). The curve runs a tenth past
-  ``total_steps``. Settings the builders refuse (a warmup longer than the
-  run, a negative rate, ``alpha`` outside [0, 1]) show the builder's message
-  in the widget and keep the last good figure.
+  ``total_steps``. The warmup slider ends at the total steps, and shortening
+  the run pulls the warmup down with it, so the sliders only reach settings
+  the builders accept. Settings they refuse when passed to ``set`` (a warmup
+  longer than the run, a negative rate, ``alpha`` outside [0, 1]) show the
+  builder's message in the widget and keep the last good figure.
 
   Args:
     peak_value: the peak (cosine) or initial (exponential) rate, >= 0.
