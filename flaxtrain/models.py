@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import numbers
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,28 @@ from flax import nnx
 from flaxtrain import _checks
 
 __all__ = ['MLP', 'CNN', 'TransformerLM']
+
+
+_DTYPE_ALIASES = {'bf16': 'bfloat16', 'fp16': 'float16', 'f16': 'float16', 'half': 'float16',
+                  'fp32': 'float32', 'f32': 'float32', 'fp64': 'float64', 'f64': 'float64'}
+
+
+def _check_dtype(name: str, dtype: Any, *, optional: bool) -> None:
+  """Raises, naming ``name``, unless ``dtype`` is a floating-point dtype (or None if ``optional``)."""
+  if dtype is None and optional:
+    return
+  try:
+    ok = dtype is not None and jnp.issubdtype(jnp.dtype(dtype), jnp.floating)  # jnp.dtype(None) is float
+  except TypeError:
+    ok = False
+  if not ok:
+    hint = f" (did you mean '{_DTYPE_ALIASES[dtype]}', i.e. jnp.{_DTYPE_ALIASES[dtype]}?)" if (
+        isinstance(dtype, str) and dtype in _DTYPE_ALIASES) else ''
+    allowed = 'None or ' if optional else ''
+    raise ValueError(
+        f"{name}: expected {allowed}a floating-point dtype such as jnp.float32, jnp.bfloat16 or jnp.float16 "
+        f"(or 'float32', 'bfloat16', 'float16'), got {dtype!r}{hint}"
+    )
 
 
 def _with_init_signature(cls: type) -> type:
@@ -74,6 +97,8 @@ class MLP(nnx.Module):
   ):
     _checks.check_int('in_features', in_features)
     _checks.check_int('out_features', out_features)
+    _check_dtype('dtype', dtype, optional=True)
+    _check_dtype('param_dtype', param_dtype, optional=False)
     hidden = _check_widths('hidden', hidden)
     _check_dropout_rate(dropout_rate)
     self.in_features = in_features
@@ -133,6 +158,8 @@ class CNN(nnx.Module):
       param_dtype: jnp.dtype = jnp.float32,
       rngs: nnx.Rngs,
   ):
+    _check_dtype('dtype', dtype, optional=True)
+    _check_dtype('param_dtype', param_dtype, optional=False)
     height, width, channels = input_shape
     if height < 2 or width < 2:
       raise ValueError(f'input_shape: expected height and width of at least 2, got {input_shape}')
@@ -219,6 +246,8 @@ class TransformerLM(nnx.Module):
       _checks.check_int(name, value)
     if d_model % num_heads:
       raise ValueError(f'd_model: expected a multiple of num_heads ({num_heads}), got {d_model}')
+    _check_dtype('dtype', dtype, optional=True)
+    _check_dtype('param_dtype', param_dtype, optional=False)
     self.vocab_size, self.context = vocab_size, context
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.token_embed = nnx.Embed(vocab_size, d_model, **kw)

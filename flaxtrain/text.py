@@ -218,6 +218,9 @@ class TextLoader:
     batch_size: windows per batch, a positive int.
     shuffle: random offsets and order (training) or neither (evaluation).
     seed: fixes the offsets and orders.
+    vocab_size: if given, every token id must be below it (the model's
+      ``vocab_size``); checked here, before any training. ``max_token_id``
+      and :meth:`check_vocab_size` check it later.
 
   Example:
     >>> loader = TextLoader(splits.train, context=64, batch_size=32)  # doctest: +SKIP
@@ -225,11 +228,18 @@ class TextLoader:
     ...                  loss_fn=next_token_loss)
   """
 
-  def __init__(self, tokens: Any, context: int, batch_size: int, *, shuffle: bool = True, seed: int = 0):
+  def __init__(self, tokens: Any, context: int, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+               vocab_size: int | None = None):
     _checks.check_int('context', context)
     _checks.check_int('batch_size', batch_size)
     _checks.check_int('seed', seed, minimum=0)
-    self.tokens = _check_tokens('tokens', tokens).astype(np.int32)
+    tokens = _check_tokens('tokens', tokens)
+    if tokens.max() > np.iinfo(np.int32).max:
+      raise ValueError(f'tokens: expected ids that fit in int32, got {tokens.max()}')
+    self.tokens = tokens.astype(np.int32)
+    self.max_token_id = int(self.tokens.max())  # what a model's vocab_size must exceed
+    if vocab_size is not None:
+      self.check_vocab_size(vocab_size, name='tokens')
     self.context = context
     self.batch_size = batch_size
     self.shuffle = bool(shuffle)
@@ -242,6 +252,27 @@ class TextLoader:
       raise ValueError(f'tokens: expected at least {need} tokens for context={context}, got {n}')
     if shuffle and batch_size > self.num_examples:
       raise ValueError(f'batch_size: expected at most the number of windows ({self.num_examples}), got {batch_size}')
+
+  def check_vocab_size(self, vocab_size: int, *, name: str = 'train_loader') -> None:
+    """Raises ValueError, naming ``name``, if a token id is not below ``vocab_size``.
+
+    An embedding looked up at an id past its table gives NaN or garbage
+    under ``jit``, not an error, so check before training.
+
+    Args:
+      vocab_size: the model's vocabulary size (``TransformerLM.vocab_size``).
+      name: how the error names this loader.
+
+    Example:
+      >>> TextLoader(np.arange(70) % 65, 8, 2).check_vocab_size(65)
+    """
+    _checks.check_int('vocab_size', vocab_size)
+    if self.max_token_id >= vocab_size:
+      raise ValueError(
+          f'{name}: expected token ids below the model\'s vocab_size ({vocab_size}), got ids up to '
+          f'{self.max_token_id}; build the model with vocab_size=vocab.size of the CharVocab that '
+          'encoded these tokens'
+      )
 
   def __len__(self) -> int:
     """Batches per epoch."""

@@ -40,6 +40,11 @@ def test_bfloat16_compute_keeps_float32_params():
     (lambda: ft.MLP(64, (0,), 10, rngs=nnx.Rngs(0)), 'hidden: expected a positive int, got 0'),
     (lambda: ft.MLP(64, (8,), 10, dropout_rate=1.0, rngs=nnx.Rngs(0)), r'dropout_rate: expected a value in \[0, 1\)'),
     (lambda: ft.CNN(input_shape=(1, 8, 1), rngs=nnx.Rngs(0)), 'input_shape: expected height and width of at least 2'),
+    (lambda: ft.MLP(64, (8,), 10, dtype='fp16', rngs=nnx.Rngs(0)),
+     r"dtype: expected None or a floating-point dtype .* got 'fp16' \(did you mean 'float16', i.e. jnp.float16\?\)"),
+    (lambda: ft.MLP(64, (8,), 10, param_dtype=None, rngs=nnx.Rngs(0)),
+     'param_dtype: expected a floating-point dtype such as jnp.float32, jnp.bfloat16 or jnp.float16 .*got None'),
+    (lambda: ft.CNN(dtype=jnp.int8, rngs=nnx.Rngs(0)), 'dtype: expected None or a floating-point dtype'),
 ])
 def test_bad_constructor_arguments(make, match):
   with pytest.raises(ValueError, match=match):
@@ -71,3 +76,9 @@ def test_help_shows_the_real_signature(cls, names):
   assert list(inspect.signature(cls).parameters) == names
   header = pydoc.render_doc(cls, renderer=pydoc.plaintext).split('\n\n')[1]  # 'class MLP(...)' and its signature
   assert f'{cls.__name__}({names[0]}: ' in header and '*args' not in header
+
+
+@pytest.mark.parametrize('dtype', ['bfloat16', jnp.bfloat16, 'float16', None])
+def test_dtypes_jnp_accepts_are_accepted(dtype):
+  model = ft.MLP(64, (8,), 10, dtype=dtype, rngs=nnx.Rngs(0))
+  assert model(jnp.ones((2, 64))).dtype == (jnp.dtype(dtype) if dtype is not None else jnp.float32)

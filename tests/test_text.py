@@ -103,10 +103,23 @@ def test_evaluation_windows_cover_the_tokens_in_order_and_pad_with_a_mask():
     (lambda: ft.TextLoader(np.ones((4, 4), np.int32), 2, 1), 'tokens: expected a 1-D integer array'),
     (lambda: ft.TextLoader(np.arange(100.0), 2, 1), 'tokens: expected a 1-D integer array'),
     (lambda: ft.TextLoader(np.arange(100), 0, 1), 'context: expected a positive int, got 0'),
+    (lambda: ft.TextLoader(np.arange(100), 4, 2, vocab_size=65),
+     r"tokens: expected token ids below the model's vocab_size \(65\), got ids up to 99"),
+    (lambda: ft.TextLoader(np.arange(100), 4, 2, vocab_size=0), 'vocab_size: expected a positive int, got 0'),
 ])
 def test_text_loader_rejects_bad_arguments(make, match):
   with pytest.raises(ValueError, match=match):
     make()
+
+
+def test_a_loader_tells_whether_its_token_ids_fit_a_model():
+  loader = ft.TextLoader(np.arange(100) % 70, 4, 2)
+  assert loader.max_token_id == 69
+  loader.check_vocab_size(70)  # ids 0..69 fit
+  model = ft.TransformerLM(65, context=4, d_model=8, num_heads=2, num_layers=1, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"val_loader: expected token ids below the model's vocab_size \(65\), "
+                                       r'got ids up to 69; build the model with vocab_size=vocab.size'):
+    loader.check_vocab_size(model.vocab_size, name='val_loader')
 
 
 # Baselines -------------------------------------------------------------------------

@@ -73,6 +73,10 @@ def test_bad_inputs_are_named(tokens, match):
     (dict(d_model=15, num_heads=2), 'd_model: expected a multiple of num_heads .2., got 15'),
     (dict(context=0), 'context: expected a positive int, got 0'),
     (dict(num_layers=1.5), 'num_layers: expected a positive int, got 1.5'),
+    (dict(dtype='bf16'), r"dtype: expected None or a floating-point dtype such as jnp.float32, jnp.bfloat16 or "
+                         r"jnp.float16 \(or 'float32', 'bfloat16', 'float16'\), got 'bf16' \(did you mean 'bfloat16', "
+                         r"i.e. jnp.bfloat16\?\)"),
+    (dict(param_dtype='int32'), "param_dtype: expected a floating-point dtype .*got 'int32'"),
 ])
 def test_bad_constructor_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
