@@ -14,6 +14,8 @@ module gets its page without editing anything here.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import pathlib
 import pkgutil
 import re
@@ -53,6 +55,18 @@ def write_if_changed(path: pathlib.Path, text: str) -> None:
     path.write_text(text, encoding='utf-8')
 
 
+def documented_here(module: str, modules: list[str]) -> list[str]:
+  """The names of ``module.__all__`` that its page documents.
+
+  A name that another public module defines (``steps`` re-exports ``losses.LossFn``) is documented on
+  that module's page only, so each object has one page and one link target; submodules have their own.
+  """
+  mod = importlib.import_module(module)
+  names = getattr(mod, '__all__', [n for n in vars(mod) if not n.startswith('_')])
+  return [name for name in names if not inspect.ismodule(getattr(mod, name))
+          and getattr(getattr(mod, name), '__module__', module) not in set(modules) - {module}]
+
+
 def write_api_pages(app) -> None:
   """One page per public module in docs/api/, its members read from the docstrings."""
   api = DOCS / 'api'
@@ -60,10 +74,22 @@ def write_api_pages(app) -> None:
   modules = public_modules()
   for module in modules:  # reStructuredText: autodoc writes reST, which a Markdown page would not parse
     title = f'``{module}``'
-    write_if_changed(api / f'{module}.rst', f'{title}\n{"=" * len(title)}\n\n.. automodule:: {module}\n')
+    mod, members = importlib.import_module(module), documented_here(module, modules)
+    code = [n for n in members if inspect.isclass(getattr(mod, n)) or inspect.isroutine(getattr(mod, n))]
+    data = [n for n in members if n not in code]  # constants: automodule would drop one without a docstring
+    write_if_changed(api / f'{module}.rst', f'{title}\n{"=" * len(title)}\n\n.. automodule:: {module}\n' +
+                     (f'   :members: {", ".join(code)}\n' if code else '') +
+                     ''.join(f'\n.. autodata:: {module}.{name}\n' for name in data))
   for stale in api.glob('flaxtrain*.rst'):  # a module that was removed or renamed
     if stale.stem not in modules:
       stale.unlink()
+
+
+def skip_tuple_field_aliases(app, what, name, obj, skip, options):
+  """Leaves out a NamedTuple's "Alias for field number N": its docstring's Attributes section says more."""
+  if what == 'class' and (getattr(obj, '__doc__', None) or '').startswith('Alias for field number'):
+    return True
+  return None
 
 
 def add_toctrees(app, docname: str, source: list[str]) -> None:
@@ -147,7 +173,7 @@ myst_enable_extensions = ['dollarmath', 'amsmath']
 # refuses from file:// pages. sphinx-mathjax-offline points mathjax_path at its CHTML build; this wins.
 mathjax_path = 'mathjax/tex-svg.js'
 
-autodoc_default_options = {'members': True, 'show-inheritance': True}
+autodoc_default_options = {'show-inheritance': True}  # each page names its members: documented_here
 autodoc_typehints = 'description'
 autodoc_member_order = 'bysource'
 napoleon_google_docstring = True
@@ -173,6 +199,7 @@ def setup(app):
   app.config.mathjax_path = mathjax_path  # after sphinx-mathjax-offline's setup set its own
   app.connect('builder-inited', write_api_pages)
   app.connect('source-read', add_toctrees)
+  app.connect('autodoc-skip-member', skip_tuple_field_aliases)
   app.connect('doctree-read', add_run_note)
   app.connect('build-finished', finish_site)
   return {'parallel_read_safe': True, 'parallel_write_safe': True}
