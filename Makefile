@@ -40,7 +40,14 @@ NB ?= notebooks/[0-9]*.ipynb
 notebooks: $(STAMP)
 	$(BIN)/python tools/notebooks.py execute $(NB)
 
-bench: $(STAMP)
+# The benchmarks compare ft.fit with Keras 3 (benchmarks/keras_peer.py): the [bench] extra is installed
+# here only, never by `make setup`; flaxtrain does not depend on it.
+BENCH_STAMP := $(VENV)/.flaxtrain-bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[bench]"
+	@touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/run.py
 
 # The website: README, stored notebooks (never executed) and API reference, built by Sphinx from

@@ -13,6 +13,7 @@ from packaging.version import Version
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']
+BENCH_ONLY = {'bench'}  # benchmark-only extra: installed by `make bench`, not by set-up (see Makefile)
 
 
 def direct_requirements():
@@ -59,7 +60,7 @@ def test_environment_yml_builds_the_same_environment():
   assert 'pip' in deps
   pip_section = next(d['pip'] for d in deps if isinstance(d, dict))
   assert '-c constraints.txt' in pip_section
-  assert extras_in(' '.join(pip_section)) == set(PYPROJECT['optional-dependencies'])
+  assert extras_in(' '.join(pip_section)) == set(PYPROJECT['optional-dependencies']) - BENCH_ONLY
   named = {canonicalize_name(Requirement(d).name) for d in pip_section if not d.startswith('-')}
   assert named <= set(direct_requirements()), 'environment.yml names a package pyproject.toml does not'
 
@@ -67,8 +68,20 @@ def test_environment_yml_builds_the_same_environment():
 def test_makefile_installs_the_same_pins_and_extras():
   makefile = (ROOT / 'Makefile').read_text()
   assert '-c constraints.txt' in makefile
-  assert extras_in(makefile) == set(PYPROJECT['optional-dependencies'])
+  assert extras_in(makefile) == set(PYPROJECT['optional-dependencies']) - BENCH_ONLY  # the setup line
   assert '--sys-prefix' in makefile, 'the kernelspec must live inside the environment'
+
+
+def test_the_bench_extra_is_for_make_bench_only():
+  """Keras (a peer in benchmarks/) is installed by `make bench`, never by set-up; flaxtrain never needs it."""
+  makefile = (ROOT / 'Makefile').read_text()
+  bench_rule = re.search(r'^bench:.*?(?=^\S|\Z)', makefile, re.M | re.S).group(0)
+  stamp = re.search(r'^bench: (\S+)', makefile, re.M).group(1)
+  install = re.search(rf'^{re.escape(stamp)}:.*?\n((?:\t.*\n)+)', makefile, re.M).group(1)
+  assert '-c constraints.txt' in install and extras_in(install) == BENCH_ONLY, bench_rule
+  assert not any(canonicalize_name(Requirement(r).name) == 'keras' for r in PYPROJECT['dependencies'])
+  imports = re.compile(r'^\s*(import|from)\s+keras\b', re.M)
+  assert not [p.name for p in (ROOT / 'flaxtrain').rglob('*.py') if imports.search(p.read_text())]
 
 
 def test_ci_runs_the_readme_test_command():
