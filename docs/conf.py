@@ -115,9 +115,9 @@ def add_run_note(app, doctree) -> None:
   link = nodes.reference('', '', nodes.literal(text=name), refuri=name, classes=['notebook-download'])
   tip = nodes.admonition('', nodes.title(text='Run this notebook'), nodes.paragraph('', '', *[
       nodes.Text('This page shows the outputs stored when the notebook was last executed: nothing runs '
-                 'here, plots are the stored images and each explorer shows its static image and values. '
-                 'To run it and move the sliders, download '), link,
-      nodes.Text(' or, in a clone of the repository, run '), nodes.literal(text='make lab'),
+                 'here; plots are the stored images, and an explorer shows its static image and values. '
+                 'To run it yourself, download '), link,
+      nodes.Text(', or in a clone of the repository run '), nodes.literal(text='make lab'),
       nodes.Text(' (it sets up '), nodes.literal(text='.venv'),
       nodes.Text(' and opens JupyterLab on '), nodes.literal(text='notebooks/'),
       nodes.Text(') and open '), nodes.literal(text=name), nodes.Text(' there.')]),
