@@ -227,7 +227,8 @@ class Explorer:
       bundle = self.widget._repr_mimebundle_()
       bundle['image/png'] = self.png
       bundle['text/plain'] = f'{self.text}\n{SAVED_NOTE}'
-      display(bundle, raw=True)
+      # The hook prints the values and the note below the saved image, as a headless run shows them.
+      display(bundle, raw=True, metadata={'flaxtrain': {'print_when_saved': bundle['text/plain']}})
     else:
       display({'image/png': self.png, 'text/plain': f'<{type(self).__name__} (static image)>'}, raw=True)
       print(self.text)

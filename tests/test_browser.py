@@ -284,9 +284,11 @@ def test_explorer_run_saved_and_reopened_shows_its_static_image(page, lab, scree
   jl.screenshot(page, explorer, screenshots / 'explorer-live-before-save.png')
 
   saved = jl.save(page, lab, EXPLORER)
-  kept = [sorted(o.get('data', {})) for o in saved.cells[explorer].outputs]
-  assert kept == [['image/png', 'text/plain']], f'the saved explorer cell holds {kept}, not its static image'
-  assert 'SGD ' in saved.cells[explorer].outputs[0].data['text/plain']   # and its values, as text
+  kept = [(o.output_type, sorted(o.get('data', {}))) for o in saved.cells[explorer].outputs]
+  assert kept == [('display_data', ['image/png', 'text/plain']), ('stream', [])], (
+      f'the saved explorer cell holds {kept}, not its static image and its printed values')
+  printed = saved.cells[explorer].outputs[1].text
+  assert printed.startswith('SGD ') and 'run the cell again to move the sliders' in printed, printed
 
   lab.shut_down_sessions()                 # the kernel that held the widget is gone
   jl.open_notebook(page, lab, EXPLORER, len(saved.cells))
@@ -295,6 +297,7 @@ def test_explorer_run_saved_and_reopened_shows_its_static_image(page, lab, scree
   jl.screenshot(page, explorer, screenshots / 'explorer-reopened-after-save.png')
   text = ' '.join(o['text'] for o in shown['outputs'])
   assert 'Error displaying widget' not in text and 'Loading widget' not in text, text
+  assert jl.shown_text(shown) == printed, f'the reopened cell prints {jl.shown_text(shown)!r}, not its values'
   assert len(shown['images']) == 1 and shown['images'][0]['complete'] and shown['images'][0]['width'] > 0, shown
 
 

@@ -309,10 +309,11 @@ def test_without_a_widget_front_end_the_explorer_shows_a_png_and_prints_its_valu
 def test_with_a_widget_front_end_the_explorer_is_a_widget_with_a_png_fallback(monkeypatch, capsys):
   shown = []
   monkeypatch.setattr(widgets, '_widget_frontend', lambda: True)
-  monkeypatch.setattr('IPython.display.display', lambda data, raw=False: shown.append(data))
+  monkeypatch.setattr('IPython.display.display',
+                      lambda data, raw=False, metadata=None: shown.append(data) or shown.append(metadata))
   explorer = ft.widgets.clipping_explorer(np.array([0.5, 2.0, 4.0]))
   explorer._ipython_display_()
-  assert len(shown) == 1
+  assert len(shown) == 2 and shown[1] == {'flaxtrain': {'print_when_saved': f'{explorer.text}\n{widgets.SAVED_NOTE}'}}
   assert shown[0]['application/vnd.jupyter.widget-view+json']['model_id'] == explorer.widget.model_id
   assert shown[0]['image/png'] == explorer.png and capsys.readouterr().out == ''
   assert shown[0]['text/plain'] == f'{explorer.text}\n{widgets.SAVED_NOTE}'   # the values, wherever text is shown
@@ -334,16 +335,22 @@ def test_make_lab_saves_an_explorer_as_its_static_image():
   config, hook = _server_config()
   assert config.ContentsManager.pre_save_hook is hook
   view = {'version_major': 2, 'version_minor': 0, 'model_id': 'abc'}
-  explorer = {'output_type': 'display_data', 'metadata': {},
+  explorer = {'output_type': 'display_data', 'metadata': {'flaxtrain': {'print_when_saved': 'values\nnote'}},
               'data': {'application/vnd.jupyter.widget-view+json': view, 'image/png': 'iVBOR', 'text/plain': 'values'}}
+  other = {'output_type': 'display_data', 'metadata': {},
+           'data': {'application/vnd.jupyter.widget-view+json': dict(view), 'image/png': 'iVBOR', 'text/plain': 'x'}}
   progress = {'output_type': 'display_data', 'metadata': {},
               'data': {'application/vnd.jupyter.widget-view+json': dict(view), 'text/plain': 'HBox()'}}
   stream = {'output_type': 'stream', 'name': 'stdout', 'text': 'hi'}
   model = {'type': 'notebook', 'content': {'cells': [
       {'cell_type': 'markdown', 'source': 'x'},
-      {'cell_type': 'code', 'source': '', 'outputs': [explorer, progress, stream]}]}}
-  assert hook(model, path='x.ipynb', contents_manager=None) == 1
-  assert explorer['data'] == {'image/png': 'iVBOR', 'text/plain': 'values'}          # the fallback only
+      {'cell_type': 'code', 'source': '', 'outputs': [explorer, progress, stream, other]}]}}
+  assert hook(model, path='x.ipynb', contents_manager=None) == 2
+  outputs = model['content']['cells'][1]['outputs']
+  assert outputs[0] is explorer and explorer == {'output_type': 'display_data', 'metadata': {},   # the fallback only
+                                                 'data': {'image/png': 'iVBOR', 'text/plain': 'values'}}
+  assert outputs[1] == {'output_type': 'stream', 'name': 'stdout', 'text': 'values\nnote\n'}   # printed below it
+  assert outputs[2:] == [progress, stream, other] and 'application/vnd.jupyter.widget-view+json' not in other['data']
   assert 'application/vnd.jupyter.widget-view+json' in progress['data'] and stream['text'] == 'hi'
   assert hook({'type': 'file', 'content': 'text'}) == 0 and hook({'type': 'notebook', 'content': None}) == 0
 

@@ -21,6 +21,10 @@ WIDGET_VIEW = 'application/vnd.jupyter.widget-view+json'
 def keep_static_fallbacks(model, **kwargs):
   """Pre-save hook: in a notebook, drop widget views whose output also holds an image/png.
 
+  An output whose metadata holds ``{"flaxtrain": {"print_when_saved": text}}`` (an
+  explorer's values and a note) gets that text printed below its image, as a stream
+  output, so that the saved cell reads like one executed without widgets.
+
   Args:
     model: the contents model the server is about to write (``model['content']`` is the
       notebook as a dict when ``model['type'] == 'notebook'``).
@@ -39,11 +43,20 @@ def keep_static_fallbacks(model, **kwargs):
     return 0
   changed = 0
   for cell in model['content'].get('cells', []):
-    for output in cell.get('outputs', []) if cell.get('cell_type') == 'code' else []:
+    if cell.get('cell_type') != 'code' or not isinstance(cell.get('outputs'), list):
+      continue
+    outputs = []
+    for output in cell['outputs']:
+      outputs.append(output)
       data = output.get('data')
-      if isinstance(data, dict) and WIDGET_VIEW in data and 'image/png' in data:
-        del data[WIDGET_VIEW]
-        changed += 1
+      if not (isinstance(data, dict) and WIDGET_VIEW in data and 'image/png' in data):
+        continue
+      del data[WIDGET_VIEW]
+      changed += 1
+      text = (output.get('metadata') or {}).pop('flaxtrain', {}).get('print_when_saved')
+      if isinstance(text, str) and text:
+        outputs.append({'output_type': 'stream', 'name': 'stdout', 'text': text if text.endswith('\n') else text + '\n'})
+    cell['outputs'] = outputs
   return changed
 
 
