@@ -454,6 +454,7 @@ class Predictor:
 
   Attributes:
     exported: the deserialized ``jax.export.Exported``.
+    path: the file it was read from.
     input_shape: the shape of one example.
     dtype: the dtype a batch must have.
   """
