@@ -411,7 +411,24 @@ class Checkpoints:
           f'checkpoint_dir: cannot write to {self.directory} ({type(error).__name__}: {error}); '
           'make it writable or pass another checkpoint_dir'
       ) from error
-    self._close_managers()  # reopen them as a writer: that also removes what a crash left behind
+    self._close_managers()  # reopen them as a writer
+    self._remove_temporary()  # what a crash mid-save left behind
+
+  def _remove_temporary(self) -> list[str]:
+    """Deletes orbax's temporary directories of unfinished saves (the lock holder only).
+
+    Done here, synchronously, rather than by orbax's ``cleanup_tmp_directories``,
+    which runs on a background thread that a manager's ``close()`` does not
+    wait for: a process that stopped early (an error, Ctrl-C) then printed
+    "cannot schedule new futures after interpreter shutdown" at exit.
+    """
+    removed = []
+    with _interrupts_held():
+      for kind in _KINDS:
+        for path in sorted((self.directory / kind).glob(f'*{_TEMPORARY}*')):
+          shutil.rmtree(path, ignore_errors=True)
+          removed.append(path.relative_to(self.directory).as_posix())
+    return removed
 
   def adopt(self) -> None:
     """Lets this writer delete (when rotating) the checkpoints already in the directory.
@@ -480,12 +497,8 @@ class Checkpoints:
     """
     self.acquire()
     self._close_managers()
-    removed = []
+    removed = self._remove_temporary()
     with _interrupts_held():
-      for kind in _KINDS:
-        for path in sorted((self.directory / kind).glob(f'*{_TEMPORARY}*')):
-          shutil.rmtree(path, ignore_errors=True)
-          removed.append(path.relative_to(self.directory).as_posix())
       blocking = set(self.blocking_contents())
       for name in self._entries():
         if name not in blocking and _HISTORY_FILE.fullmatch(name):
@@ -511,7 +524,7 @@ class Checkpoints:
           preservation_policy=policies.AnyPreservationPolicy(
               [policies.LatestN(n=keep), _NotOwned(self._owned[kind])]) if writer else None,
           save_interval_steps=0 if not writer else 1,  # a reader saves nothing
-          cleanup_tmp_directories=writer,  # only the lock holder may touch temporary dirs
+          cleanup_tmp_directories=False,  # acquire() does it, synchronously
           create=writer,
           read_only=not writer,
       )
@@ -534,7 +547,8 @@ class Checkpoints:
         manager = self._manager(which)
         if manager is None:
           return []
-        manager.reload()
+        with _interrupts_held():  # orbax lists the steps on a thread pool
+          manager.reload()
         return sorted(manager.all_steps())
       except OSError as error:  # a step was deleted while orbax listed it (a writer rotating): list again
         failure = error

@@ -696,3 +696,28 @@ def test_ctrl_c_during_saves_and_restores_exits_and_leaves_a_checkpoint(tmp_path
 
 def make_mlp_like_writer():
   return ft.MLP(64, (512, 512), 10, rngs=nnx.Rngs(3))
+
+
+EARLY_ERROR = '''
+import pathlib, sys
+import flaxtrain as ft
+directory = pathlib.Path(sys.argv[1])
+for index in range(20):  # what interrupted saves leave: orbax's temporary directories
+  (directory / 'latest' / f'{index}.orbax-checkpoint-tmp-17000000{index:02d}' / 'model').mkdir(parents=True)
+checkpoints = ft.Checkpoints(directory)
+checkpoints.acquire()  # as fit does first; its managers list the directory
+checkpoints.step('latest')
+raise RuntimeError('an early error, before any save')
+'''
+
+
+def test_an_early_error_after_opening_a_writer_exits_with_its_own_traceback_only(tmp_path):
+  import subprocess
+  import sys
+  for trial in range(3):
+    directory = tmp_path / str(trial)
+    result = subprocess.run([sys.executable, '-c', EARLY_ERROR, str(directory)], capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 1 and 'RuntimeError: an early error' in result.stderr
+    assert result.stderr.count('Traceback') == 1, result.stderr[-3000:]  # no orbax thread failing at exit
+    assert not list((directory / 'latest').iterdir())  # the temporary directories went, synchronously
