@@ -663,7 +663,15 @@ class Checkpoints:
     )
     with _interrupts_held():
       for kind in kinds:
-        self._manager(kind, create=True).save(step, args=args, force=True)
+        try:
+          self._manager(kind, create=True).save(step, args=args, force=True)
+        except Exception as error:  # a full disk (tensorstore raises ValueError), a vanished directory
+          # The half-written step stays under orbax's temporary name (orbax's threads may still be
+          # writing there): it is ignored, and removed by the next writer's acquire().
+          raise CheckpointError(
+              f'checkpoint_dir: saving the {kind} checkpoint of step {step} to {self.directory} failed '
+              f'({type(error).__name__}: {error}); the checkpoints saved before are untouched'
+          ) from error
         self._owned[kind].add(step)
 
   def set_aside(self, which: Literal['latest', 'best'], step: int, reason: str) -> pathlib.Path:

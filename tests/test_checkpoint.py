@@ -721,3 +721,41 @@ def test_an_early_error_after_opening_a_writer_exits_with_its_own_traceback_only
     assert result.returncode == 1 and 'RuntimeError: an early error' in result.stderr
     assert result.stderr.count('Traceback') == 1, result.stderr[-3000:]  # no orbax thread failing at exit
     assert not list((directory / 'latest').iterdir())  # the temporary directories went, synchronously
+
+
+FULL_DISK = '''
+import json, resource, signal, sys
+import optax
+from flax import nnx
+import flaxtrain as ft
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as ENOSPC would
+model = ft.MLP(64, (256,), 10, rngs=nnx.Rngs(0))
+optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+checkpoints = ft.Checkpoints(sys.argv[1])
+checkpoints.save(1, model, optimizer)
+_, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))  # the disk is full
+try:
+  checkpoints.save(2, model, optimizer)
+except ft.CheckpointError as error:
+  print(json.dumps({'error': str(error)}), flush=True)
+resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))  # space is freed
+checkpoints.save(3, model, optimizer)
+checkpoints.close()
+'''
+
+
+def test_a_full_disk_fails_one_save_with_a_checkpoint_error_and_the_next_save_works(tmp_path):
+  import json
+  import subprocess
+  import sys
+  result = subprocess.run([sys.executable, '-c', FULL_DISK, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  error = json.loads(result.stdout.strip().splitlines()[-1])['error']
+  assert re.search(r'saving the latest checkpoint of step 2 to .* failed \(ValueError: .*File too large', error)
+  assert ft.Checkpoints(tmp_path).steps('latest') == [1, 3]  # the half-written step 2 is not one
+  with ft.Checkpoints(tmp_path) as writer:
+    writer.acquire()  # the next writer removes what the failed save left
+  assert sorted(p.name for p in (tmp_path / 'latest').iterdir()) == ['1', '3']
+  assert ft.restore_checkpoint(tmp_path, ft.MLP(64, (256,), 10, rngs=nnx.Rngs(5))).step == 3
