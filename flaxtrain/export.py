@@ -504,7 +504,8 @@ def load(path: str | os.PathLike[str]) -> Predictor:
   Raises:
     FileNotFoundError: there is no file at ``path``.
     ValueError: the file is not a serialized ``jax.export`` artifact, or it
-      was not exported for this platform, or not for one input batch.
+      was not exported for this platform, or not for one input and one
+      output, or with a symbolic dimension other than the batch.
 
   Example:
     >>> predict = ft.export.load('runs/cnn.jaxexport')    # doctest: +SKIP
@@ -527,4 +528,7 @@ def load(path: str | os.PathLike[str]) -> Predictor:
   if len(exported.in_avals) != 1 or len(exported.out_avals) != 1:
     raise ValueError(f'path: expected an export with one input and one output, got {len(exported.in_avals)} and '
                      f'{len(exported.out_avals)}')
+  if any(not isinstance(d, int) for d in exported.in_avals[0].shape[1:]):
+    raise ValueError(f'path: expected an export whose only symbolic dimension is the batch, got input '
+                     f'{exported.in_avals[0]}')
   return Predictor(exported, path)

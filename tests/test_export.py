@@ -271,3 +271,15 @@ def test_export_of_a_model_without_input_shape(tmp_path):
   x = np.ones((4, 3), np.float32)
   np.testing.assert_allclose(export.load(tmp_path / 'lin')(x), linear(x), rtol=1e-6)
   assert repr(export.load(tmp_path / 'lin')) == "Predictor('lin', input float32[b, 3], platforms ('cpu',))"
+
+
+def test_load_refuses_exports_it_cannot_check(tmp_path):
+  f32 = jax.numpy.float32
+  two_symbols = jax.export.export(jax.jit(lambda x: x.sum(1)))(jax.ShapeDtypeStruct(jax.export.symbolic_shape('b, n'), f32))
+  (tmp_path / 'two').write_bytes(two_symbols.serialize())
+  with pytest.raises(ValueError, match=r'path: expected an export whose only symbolic dimension is the batch, got input float32\[b,n\]'):
+    export.load(tmp_path / 'two')
+  two_inputs = jax.export.export(jax.jit(lambda x, y: x + y))(*[jax.ShapeDtypeStruct((2,), f32)] * 2)
+  (tmp_path / 'pair').write_bytes(two_inputs.serialize())
+  with pytest.raises(ValueError, match='path: expected an export with one input and one output, got 2 and 1'):
+    export.load(tmp_path / 'pair')
