@@ -759,3 +759,27 @@ def test_a_full_disk_fails_one_save_with_a_checkpoint_error_and_the_next_save_wo
     writer.acquire()  # the next writer removes what the failed save left
   assert sorted(p.name for p in (tmp_path / 'latest').iterdir()) == ['1', '3']
   assert ft.restore_checkpoint(tmp_path, ft.MLP(64, (256,), 10, rngs=nnx.Rngs(5))).step == 3
+
+
+def test_a_history_cut_short_falls_back_to_the_checkpoint_whose_shorter_history_verifies(tmp_path):
+  from flaxtrain.history import HistoryLog
+  model = make_mlp()
+  optimizer = make_optimizer(model)
+  history = ft.History()
+  with ft.Checkpoints(tmp_path, keep=3) as checkpoints:
+    log = HistoryLog(tmp_path / 'history')
+    for step in (1, 2, 3):  # as fit saves: append the new rows, store the segments in the metadata
+      history.record_step(step, {'loss': 1.0 / step})
+      checkpoints.save(step, model, optimizer, metadata={'history': log.write(history)})
+    log.close()
+  path = next((tmp_path / 'history').iterdir())
+  path.write_bytes(path.read_bytes()[:-5])  # cut short inside the span of step 3
+
+  def history_verifies(info):  # what fit passes: HistoryError is a ValueError, so the step is skipped
+    HistoryLog.read(tmp_path / 'history', info.metadata['history'])
+
+  with pytest.warns(RuntimeWarning, match=r'step 3: history: .*\.jsonl does not hold the \d+ bytes'):
+    info = ft.Checkpoints(tmp_path).restore(make_mlp(), verify=history_verifies)
+  assert info.step == 2
+  restored = HistoryLog.read(tmp_path / 'history', info.metadata['history'])
+  assert restored.state_dict()['steps'] == history.state_dict()['steps'][:2]
