@@ -47,8 +47,9 @@ def test_stub_is_not_attempted(exercise_id):
 
 
 def test_every_notebook_has_exercises():
-  assert {key.split('.')[0] for key in IDS} == {f'{n:02d}' for n in range(1, 13)}
-  assert all(2 <= sum(key.startswith(f'{n:02d}.') for key in IDS) <= 3 for n in range(1, 13))
+  numbers = {path.name[:2] for path in NOTEBOOKS} - {'00'}
+  assert {key.split('.')[0] for key in IDS} == numbers
+  assert all(2 <= sum(key.startswith(f'{n}.') for key in IDS) <= 3 for n in numbers)
 
 
 def test_bad_id_and_bad_answer_are_clear_errors():
@@ -112,6 +113,11 @@ def _device_slice_raising(message):
 def _device_slice_asserting(global_batch, num_devices, device_index):
   assert global_batch % num_devices == 0, f'{global_batch} % {num_devices} != 0'
   return S.device_slice(global_batch, num_devices, device_index)
+
+
+def _channel_scale(w, divide_by=127):
+  amax = jnp.max(jnp.abs(w), axis=tuple(range(w.ndim - 1)))
+  return jnp.where(amax > 0, amax / divide_by, 1.0)
 
 
 def _side_by_side(step, params, stacked):
@@ -340,6 +346,27 @@ WRONG = {
                              np.random.default_rng(seed + 1).integers(0, n, round(n * f))),
          'every index 0..49 should appear exactly once'),
     ],
+    '13.1': [
+        (lambda w: (lambda s: (jnp.round(w / s).astype(jnp.int8), s))(jnp.max(jnp.abs(w)) / 127),
+         'your scale is one number for the whole kernel'),
+        (lambda w: (lambda s: (jnp.round(w / s).astype(jnp.int8), s))(jnp.max(jnp.abs(w), axis=0) / 127),
+         'your scale has shape (3, 2, 4); it should have one entry per output channel'),
+        (lambda w: (lambda s: ((w / s).astype(jnp.int8), s))(_channel_scale(w)), 'astype(int8) alone truncates'),
+        (lambda w: (lambda s: (jnp.round(w / s), s))(_channel_scale(w)), 'store it as int8'),
+        (lambda w: (lambda s: (jnp.round(w / s).astype(jnp.int8), s))(_channel_scale(w, 128)),
+         'the scale is max|w| / 127'),
+    ],
+    '13.2': [
+        (lambda predict, x, b: np.concatenate([predict(x[i:i + b]) for i in range(0, len(x), b)]),
+         'for 10 images in batches of 4: predict was called with batches of [4, 4, 2]'),
+        (lambda predict, x, b: np.concatenate([predict(x[i:i + 1]) for i in range(len(x))]),
+         'times with one image each'),
+        (lambda predict, x, b: np.concatenate([predict(x[i:i + b]) for i in range(0, len(x) - len(x) % b, b)]),
+         'predict was called 2 times; 3 calls'),
+        (lambda predict, x, b: np.concatenate([predict(np.concatenate([x[i:i + b], np.zeros_like(x[:b])])[:b])
+                                               for i in range(0, len(x), b)]),
+         'the outputs of the padding rows were kept'),
+    ],
     '12.2': [
         (lambda z, y, m: int(jnp.sum(jnp.argmax(z, -1) == y)), 'the padded rows were counted'),
         (lambda z, y, m: float(jnp.sum((jnp.argmax(z, -1) == y) * m) / jnp.sum(m)), 'that is the accuracy'),
@@ -436,3 +463,11 @@ def test_device_slice_error_names_both_numbers_as_whole_numbers():
   assert outcome('10.1', raising('{n} % {d} != 0')).passed
   message = outcome('10.1', raising('batch {n}0 over {d}.5 devices')).message       # 100 and 4.5 name neither
   assert 'which does not name 10 and 4' in message, message
+
+
+def test_quantize_int8_model_answer_is_the_librarys():
+  for kernel in (np.random.default_rng(0).normal(size=(3, 3, 2, 4)).astype(np.float32), np.zeros((4, 2), np.float32)):
+    for mine, library in zip(S.quantize_int8(kernel), ft.export.quantize_int8(kernel)):
+      np.testing.assert_array_equal(np.asarray(mine), np.asarray(library).reshape(np.shape(mine)))
+      assert np.asarray(mine).dtype == np.asarray(library).dtype
+  assert outcome('13.1', ft.export.quantize_int8).passed      # its scale keeps the kernel's axes (keepdims)

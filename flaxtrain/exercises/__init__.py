@@ -18,7 +18,7 @@ import inspect
 from typing import Any
 
 from flaxtrain.exercises import _nb01, _nb02, _nb03, _nb04, _nb05, _nb06  # noqa: F401  (they register)
-from flaxtrain.exercises import _nb07, _nb08, _nb09, _nb10, _nb11, _nb12  # noqa: F401
+from flaxtrain.exercises import _nb07, _nb08, _nb09, _nb10, _nb11, _nb12, _nb13  # noqa: F401
 from flaxtrain.exercises import solutions
 from flaxtrain.exercises._core import REGISTRY
 from flaxtrain.exercises._core import Result

@@ -30,6 +30,7 @@ __all__ = [
     'device_slice', 'data_parallel_sharding',                  # 10
     'causal_mask', 'inputs_and_targets',                       # 11
     'split_indices', 'count_correct',                          # 12
+    'quantize_int8', 'predict_in_batches',                     # 13
 ]
 
 
@@ -223,3 +224,24 @@ def count_correct(logits, labels, mask):
   """12.2: how many real examples (mask 1) ``logits`` classify correctly, as an int."""
   correct = (jnp.argmax(logits, axis=-1) == labels) & (mask > 0)
   return int(jnp.sum(correct))
+
+
+# 13 · From a trained model to predictions -----------------------------------------
+
+def quantize_int8(kernel):
+  """13.1: symmetric int8 per output channel (the last axis); returns (q int8, scale float32 per channel)."""
+  amax = jnp.max(jnp.abs(kernel), axis=tuple(range(kernel.ndim - 1)))
+  scale = jnp.where(amax > 0, amax / 127.0, 1.0)   # an all-zero channel: any scale, q is 0
+  q = jnp.clip(jnp.round(kernel / scale), -127, 127).astype(jnp.int8)
+  return q, scale.astype(jnp.float32)
+
+
+def predict_in_batches(predict, images, batch_size):
+  """13.2: ``predict`` on chunks of exactly ``batch_size`` rows (the last one padded); one output per image."""
+  outputs = []
+  for start in range(0, len(images), batch_size):
+    chunk = images[start:start + batch_size]
+    real = len(chunk)
+    padding = np.zeros((batch_size - real,) + chunk.shape[1:], chunk.dtype)
+    outputs.append(np.asarray(predict(np.concatenate([chunk, padding])))[:real])
+  return np.concatenate(outputs)
