@@ -73,7 +73,7 @@ def run(calls: int) -> dict[str, Any]:
   data = {name: array[:BATCHES * BATCH_SIZE] for name, array in splits.train.items()}
   loader = ft.DataLoader(data, BATCH_SIZE, seed=0)
   read_at = set(checkpoints(calls))
-  compilations, compile_s, seconds, rss = [], [], [], {}
+  compilations, compile_s, seconds, rss, compiled_later = [], [], [], {}, set()
   losses = []
   gc.collect()
   rss_before = rss_mb()
@@ -86,6 +86,8 @@ def run(calls: int) -> dict[str, Any]:
     seconds.append(time.perf_counter() - begin)
     compilations.append(compiled.count)
     compile_s.append(sum(compiled.seconds))
+    if call > 1:
+      compiled_later.update(compiled.names)
     losses.append(float(history.steps()['loss'][-1]))
     del model, optimizer, history
     if call in read_at:
@@ -100,6 +102,7 @@ def run(calls: int) -> dict[str, Any]:
       'first_call_compilations': compilations[0], 'first_call_compile_s': compile_s[0],
       'compilations_after_first': int(sum(later)),
       'calls_that_compiled_after_first': [i + 2 for i, n in enumerate(later) if n],
+      'compiled_after_first': sorted(compiled_later),
       'median_call_s_after_first': sorted(seconds[1:])[len(seconds[1:]) // 2] if later else None,
       'rss_mb_before': rss_before, 'rss_mb': {str(k): v for k, v in sorted(rss.items())},
       'rss_base_call': RSS_BASE_CALL, 'rss_growth_mb': growth, 'rss_growth_limit_mb': RSS_GROWTH_MB,
@@ -123,7 +126,8 @@ def report(result: dict[str, Any]) -> str:
            f"  compilations: first call {result['first_call_compilations']} "
            f"({result['first_call_compile_s']:.2f} s); after it {result['compilations_after_first']} in all"
            + (f" (calls {result['calls_that_compiled_after_first'][:10]}"
-              f"{'...' if len(result['calls_that_compiled_after_first']) > 10 else ''})"
+              f"{'...' if len(result['calls_that_compiled_after_first']) > 10 else ''}: "
+              f"{', '.join(result['compiled_after_first'][:8])})"
               if result['compilations_after_first'] else ''),
            f"  seconds per call after the first (median): {result['median_call_s_after_first'] or 0:.3f}",
            '  resident memory (MB) after call: ' + ', '.join(f'{k}: {v:.0f}' for k, v in result['rss_mb'].items())

@@ -4,8 +4,8 @@
     python benchmarks/run.py --quick    # a smoke run: few steps, targets reported but not enforced
     python benchmarks/run.py --out results.json
 
-Every variant runs the same Adam update (loss, gradient norm and accuracy
-returned as metrics) on the same batches of ``ft.load_digits``, on three
+Every variant runs the same Adam update (the step variants return the loss,
+gradient norm and accuracy as metrics) on the same batches of ``ft.load_digits``, on three
 workloads: a tiny MLP 64-32-32-10 (batch 32), an MLP 64-256-256-10 (batch 128)
 and ``ft.CNN`` (batch 64). The variants (see benchmarks/README.md):
 
@@ -33,7 +33,8 @@ and ``ft.CNN`` (batch 64). The variants (see benchmarks/README.md):
   finiteness check). ``fit`` is ``ft.fit`` called again and again on the same
   objects (no validation, no checkpoints, no progress bar), ``fit_fresh`` the
   same on a new model and optimizer of the same structure at every call,
-  ``fit_many`` the same objects with ``steps_per_dispatch=K``, and
+  ``fit_many`` the same objects with ``steps_per_dispatch`` 16 (8 on the
+  64-256-256-10 MLP), and
   ``pure_loop_old`` the loop floor this benchmark used before (the step's
   dict of three metrics, ``jax.device_get`` of the epoch's list), and
   ``pure_loop_1epoch`` / ``fit_1epoch`` one epoch per call, which exposes
@@ -442,11 +443,11 @@ def load_data(workload: Workload) -> Data:
   return Data(loader, [jax.device_put(b) for b in host], [jax.device_put(s) for s in stacks], k)
 
 
-def timed_calls(runner: Runner, calls: int, start: int = 0) -> tuple[float, int, float]:
+def timed_calls(runner: Runner, calls: int, start: int = 0) -> tuple[float, list[str], float]:
   """Seconds for ``calls`` calls, cycling over the runner's inputs, up to block_until_ready.
 
-  Also returns the number of XLA compilations seen inside the timed calls and their seconds
-  (``prepare`` runs outside both).
+  Also returns the names of the functions XLA compiled inside the timed calls and the seconds
+  spent compiling (``prepare`` runs outside both).
   """
   inputs = [runner.inputs[i % len(runner.inputs)] for i in range(start, start + calls)]
   if runner.prepare is None:
@@ -457,16 +458,16 @@ def timed_calls(runner: Runner, calls: int, start: int = 0) -> tuple[float, int,
         out = runner.run(x)
       jax.block_until_ready(out)
       seconds = time.perf_counter() - begin
-    return seconds, compiled.count, sum(compiled.seconds)
-  seconds, count, compile_s = 0.0, 0, 0.0
+    return seconds, compiled.names, sum(compiled.seconds)
+  seconds, names, compile_s = 0.0, [], 0.0
   for x in inputs:
     runner.prepare()
     with ft.debug.count_compilations() as compiled:
       begin = time.perf_counter()
       jax.block_until_ready(runner.run(x))
       seconds += time.perf_counter() - begin
-    count, compile_s = count + compiled.count, compile_s + sum(compiled.seconds)
-  return seconds, count, compile_s
+    names, compile_s = names + compiled.names, compile_s + sum(compiled.seconds)
+  return seconds, names, compile_s
 
 
 def warm_up(runner: Runner, steps: int) -> tuple[float, np.ndarray]:
@@ -515,15 +516,17 @@ def measure(names: list[str], make: Callable[[str], Runner], warmup_steps: int, 
   samples = {name: [] for name in names}
   compilations = {name: [] for name in names}
   compile_s = {name: 0.0 for name in names}
+  compiled_names = {name: set() for name in names}
   for r in range(rounds):
     shift = r % len(names)
     for name in names[shift:] + names[:shift]:  # rotate the order, so that no variant always goes first
       runner = runners[name]
       calls = steps // runner.steps_per_call
-      seconds, count, seconds_compiling = timed_calls(runner, calls, start=r * calls)
+      seconds, compiled, seconds_compiling = timed_calls(runner, calls, start=r * calls)
       samples[name].append(seconds / steps)
-      compilations[name].append(count / calls)
+      compilations[name].append(len(compiled) / calls)
       compile_s[name] += seconds_compiling
+      compiled_names[name].update(compiled)
   for name in names:
     seconds = float(np.median(samples[name]))
     results[name].update({'us_per_step': seconds * 1e6, 'steps_per_s': 1.0 / seconds,
@@ -531,7 +534,8 @@ def measure(names: list[str], make: Callable[[str], Runner], warmup_steps: int, 
                           'rounds_us_per_step': [s * 1e6 for s in samples[name]],
                           'steps_per_call': runners[name].steps_per_call,
                           'compilations_per_timed_call': float(max(compilations[name])),
-                          'compile_s_timed': compile_s[name]})
+                          'compile_s_timed': compile_s[name],
+                          'compiled_in_timed_calls': sorted(compiled_names[name])})
   return results
 
 
@@ -752,6 +756,9 @@ def print_workload(name: str, result: dict[str, Any]) -> None:
     print(f"  {variant:22s} {r['us_per_step']:9.1f} {r['steps_per_s']:9.0f} {r['ratio']:6.2f}x"
           f"  {r['first_call_s']:9.2f}  {r['compilations_per_timed_call']:13g}  {check}"
           + ('' if against == 'pure_jax' else f'  (vs {against})'))
+  for variant, r in result['variants'].items():
+    if r['compiled_in_timed_calls']:
+      print(f"  {variant} compiled in timed calls: {', '.join(r['compiled_in_timed_calls'][:8])}")
   if result['setup_ms_per_call']:
     print('  fixed cost per call (from 1-epoch against whole calls): '
           + ', '.join(f'{k} {v:.2f} ms' for k, v in result['setup_ms_per_call'].items()))
