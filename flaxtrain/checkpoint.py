@@ -73,7 +73,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from flaxtrain import _checks
+from flaxtrain import checks
 
 try:  # Linux and macOS
   import fcntl
@@ -365,7 +365,7 @@ class Checkpoints:
       raise TypeError(f'directory: expected a path, got {type(directory).__name__} {directory!r:.60}')
     if not os.fspath(directory):
       raise ValueError("directory: expected a path, got '' (pass '.' for the current directory)")
-    self.keep = _checks.check_int('keep', keep)
+    self.keep = checks.check_int('keep', keep)
     self.directory = pathlib.Path(directory).expanduser().resolve()
     if self.directory.exists() and not self.directory.is_dir():
       raise NotADirectoryError(f'directory: expected a directory, got the file {self.directory}')
@@ -625,7 +625,7 @@ class Checkpoints:
 
   @staticmethod
   def _check_save(step: Any, model: Any, optimizer: Any, metadata: Any) -> dict[str, Any]:
-    _checks.check_int('step', step, minimum=0)
+    checks.check_int('step', step, minimum=0)
     if not isinstance(model, nnx.Module):
       raise TypeError(f'model: expected an nnx.Module, got {type(model).__name__}')
     if not isinstance(optimizer, nnx.Optimizer):
@@ -734,7 +734,7 @@ class Checkpoints:
     Returns:
       The new directories, oldest step first.
     """
-    step = _checks.check_int('step', step, minimum=0)
+    step = checks.check_int('step', step, minimum=0)
     moved = []
     for which in _KINDS:
       for newer in self.steps(which):

@@ -13,7 +13,7 @@ from typing import Literal
 
 import numpy as np
 
-from flaxtrain import _checks
+from flaxtrain import checks
 
 __all__ = ['Splits', 'load_digits', 'DataLoader']
 
@@ -63,7 +63,7 @@ def load_digits(seed: int = 0, val_fraction: float = 0.2, test_fraction: float =
   from sklearn import datasets, model_selection  # imported lazily: slow to import
 
   for name, value in (('val_fraction', val_fraction), ('test_fraction', test_fraction)):
-    _checks.check_real(name, value, expected='a fraction in (0, 1)', valid=lambda v: 0.0 < v < 1.0)
+    checks.check_real(name, value, expected='a fraction in (0, 1)', valid=lambda v: 0.0 < v < 1.0)
   if val_fraction + test_fraction >= 1.0:
     raise ValueError(
         f'val_fraction + test_fraction: expected < 1 to leave training data, '
@@ -172,8 +172,8 @@ class DataLoader:
     lengths = {name: len(array) for name, array in self.data.items()}
     if len(set(lengths.values())) != 1:
       raise ValueError(f'data: expected arrays of equal length, got lengths {lengths}')
-    _checks.check_int('batch_size', batch_size)
-    _checks.check_int('seed', seed, minimum=0)
+    checks.check_int('batch_size', batch_size)
+    checks.check_int('seed', seed, minimum=0)
     if remainder not in ('drop', 'pad'):
       raise ValueError(f"remainder: expected 'drop' or 'pad', got {remainder!r}")
     if not isinstance(shuffle, (bool, np.bool_)):

@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from flaxtrain import _checks
+from flaxtrain import checks
 
 __all__ = [
     'grad_norms',
@@ -298,7 +298,7 @@ def dead_relu_fraction(pre_activations: Any) -> float:
   if not hasattr(pre_activations, 'shape') or jnp.ndim(pre_activations) < 2:
     raise ValueError('pre_activations: expected an array (batch, ..., units) with at least 2 '
                      f'dimensions, got {type(pre_activations).__name__} of shape {np.shape(pre_activations)}')
-  _checks.check_floating('pre_activations', pre_activations)
+  checks.check_floating('pre_activations', pre_activations)
   if 0 in jnp.shape(pre_activations):
     raise ValueError(f'pre_activations: expected a non-empty array, got shape {jnp.shape(pre_activations)}')
   x = jnp.asarray(pre_activations)
@@ -373,8 +373,8 @@ def overfit_one_batch(
     raise TypeError(f'batch: expected a non-empty dict of arrays, got {type(batch).__name__}')
   if step is not None and not callable(step):
     raise TypeError(f'step: expected a callable step(model, optimizer, batch) -> metrics, got {step!r}')
-  _checks.check_int('max_steps', max_steps)
-  threshold = _checks.check_real('threshold', threshold, expected='a finite number > 0',
+  checks.check_int('max_steps', max_steps)
+  threshold = checks.check_real('threshold', threshold, expected='a finite number > 0',
                                  valid=lambda v: v > 0)
   if step is None:
     from flaxtrain.steps import make_train_step  # here, to keep debug importable on its own
@@ -537,8 +537,8 @@ def throughput(
                     f'or a list of batches), got {type(loader).__name__}')
   if step is not None and not callable(step):
     raise TypeError(f'step: expected a callable step(batch) or None, got {step!r}')
-  _checks.check_int('num_batches', num_batches)
-  _checks.check_int('rounds', rounds)
+  checks.check_int('num_batches', num_batches)
+  checks.check_int('rounds', rounds)
   if step is not None:
     jax.block_until_ready(step(next(_stream(loader, 1))))  # compile outside the timings
   times: dict[str, list[float]] = {'loader': [], 'step': [], 'both': []}

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxtrain import _checks
+from flaxtrain import checks
 
 __all__ = ['History']  # HistoryLog and HistoryError are used by fit() and not exported
 
@@ -85,7 +85,7 @@ class History:
   """
 
   def __init__(self, flush_every: int = 100):
-    _checks.check_int('flush_every', flush_every)
+    checks.check_int('flush_every', flush_every)
     self.flush_every = flush_every
     self._pending: list[tuple[int, Mapping[str, Any]]] = []
     self._step_rows: list[dict[str, float]] = []
@@ -103,7 +103,7 @@ class History:
       ValueError: for a negative or non-increasing step, a metric that is not
         a scalar number, or a metric name that is not a string.
     """
-    step = _checks.check_int('step', step, minimum=0)
+    step = checks.check_int('step', step, minimum=0)
     last = self._last_step()
     if last is not None and step <= last:
       raise ValueError(f'step: expected a step after the last recorded one ({last}), got {step}')
@@ -112,7 +112,7 @@ class History:
     if len(self._pending) >= self.flush_every:
       self.flush()
 
-  def _extend_host_rows(self, steps: Sequence[int], rows: Sequence[dict[str, float]]) -> None:
+  def extend_rows(self, steps: Sequence[int], rows: Sequence[dict[str, float]]) -> None:
     """Appends rows of Python floats already on the host, at increasing ``steps`` (for fit).
 
     ``fit`` brings a logging interval's metrics to the host itself, as Python
@@ -144,8 +144,8 @@ class History:
 
   def record_epoch(self, epoch: int, metrics: Mapping[str, Any], *, step: int) -> None:
     """Records end-of-epoch ``metrics`` (host or device scalars) at ``step``."""
-    _checks.check_int('epoch', epoch, minimum=0)
-    _checks.check_int('step', step, minimum=0)
+    checks.check_int('epoch', epoch, minimum=0)
+    checks.check_int('step', step, minimum=0)
     _check_metrics('metrics', metrics, reserved=('epoch', 'step'))
     values = jax.device_get(dict(metrics))
     self._epoch_rows.append(

@@ -25,14 +25,14 @@ from typing import Any
 from matplotlib.figure import Figure
 from tqdm.std import tqdm as _text_tqdm
 
-from flaxtrain import _checks
+from flaxtrain import checks
 from flaxtrain.history import History
 from flaxtrain.plotting import plot_history
 
 __all__ = ['LivePlot', 'progress_bar']
 
 
-def _in_notebook() -> bool:
+def in_notebook() -> bool:
   """True inside a Jupyter kernel (IPython with a kernel attached)."""
   shell = sys.modules.get('IPython') and sys.modules['IPython'].get_ipython()
   return shell is not None and getattr(shell, 'kernel', None) is not None
@@ -79,7 +79,7 @@ class LivePlot:
   ):
     if isinstance(metrics, str) or not metrics or not all(isinstance(m, str) for m in metrics):
       raise ValueError(f"metrics: expected a non-empty sequence of metric names such as ('loss',), got {metrics!r}")
-    self.min_interval = _checks.check_real(
+    self.min_interval = checks.check_real(
         'min_interval', min_interval, expected='a number >= 0', valid=lambda v: v >= 0)
     if isinstance(log_scale, str) or not set(log_scale) <= set(metrics):
       raise ValueError(f'log_scale: expected a sequence of names from metrics {list(metrics)}, got {log_scale!r}')
@@ -142,7 +142,7 @@ class LivePlot:
 
   def show(self) -> None:
     """Puts the current figure in the notebook output, replacing the previous one."""
-    if not _in_notebook():
+    if not in_notebook():
       return
     buffer = io.BytesIO()
     self.figure.savefig(buffer, format='png', dpi=80)
@@ -183,7 +183,7 @@ def progress_bar(total: int, *, initial: int = 0, disable: bool = False, **kwarg
   Returns:
     The ``tqdm`` bar.
   """
-  if _in_notebook() and not disable:
+  if in_notebook() and not disable:
     kwargs.setdefault('file', _DisplayFile())
     kwargs.setdefault('ascii', True)  # no width is set: tqdm then never cuts the postfix off
   else:

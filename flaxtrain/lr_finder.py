@@ -24,7 +24,7 @@ from flax import nnx
 from matplotlib import pyplot as plt
 from matplotlib.axes import Axes
 
-from flaxtrain import _checks
+from flaxtrain import checks
 from flaxtrain.steps import LossFn
 from flaxtrain.steps import classification_loss
 from flaxtrain.steps import make_train_step
@@ -92,12 +92,12 @@ def _check_arguments(model, make_tx, loader, min_lr, max_lr, num_steps, smoothin
     raise TypeError(
         'loader: expected a flaxtrain.DataLoader or a list of batches (something that can be '
         f'iterated again), got {type(loader).__name__}')
-  min_lr = _checks.check_real('min_lr', min_lr, expected='a number > 0', valid=lambda v: v > 0)
-  max_lr = _checks.check_real('max_lr', max_lr, expected=f'a number > min_lr ({min_lr})',
+  min_lr = checks.check_real('min_lr', min_lr, expected='a number > 0', valid=lambda v: v > 0)
+  max_lr = checks.check_real('max_lr', max_lr, expected=f'a number > min_lr ({min_lr})',
                               valid=lambda v: v > min_lr)
-  _checks.check_int('num_steps', num_steps, minimum=10)
-  _checks.check_real('smoothing', smoothing, expected='a number in [0, 1)', valid=lambda v: 0 <= v < 1)
-  _checks.check_real('diverge_factor', diverge_factor, expected='a number > 1', valid=lambda v: v > 1)
+  checks.check_int('num_steps', num_steps, minimum=10)
+  checks.check_real('smoothing', smoothing, expected='a number in [0, 1)', valid=lambda v: 0 <= v < 1)
+  checks.check_real('diverge_factor', diverge_factor, expected='a number > 1', valid=lambda v: v > 1)
   return min_lr, max_lr
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from flaxtrain import _checks
+from flaxtrain import checks
 from flaxtrain.losses import masked_mean
 
 __all__ = ['accuracy']
@@ -26,7 +26,7 @@ def accuracy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None
     >>> float(accuracy(jnp.array([[1.0, 0.0], [1.0, 0.0]]), jnp.array([0, 1])))
     0.5
   """
-  _checks.check_integer('labels', labels)
-  _checks.check_shape('labels', labels, jnp.shape(logits)[:-1], 'logits.shape without the class axis')
+  checks.check_integer('labels', labels)
+  checks.check_shape('labels', labels, jnp.shape(logits)[:-1], 'logits.shape without the class axis')
   correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
   return masked_mean(correct, mask)

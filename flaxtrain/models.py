@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flaxtrain import _checks
+from flaxtrain import checks
 
 __all__ = ['MLP', 'CNN', 'TransformerLM']
 
@@ -60,11 +60,11 @@ def _check_widths(name: str, widths: object) -> tuple[int, ...]:
     raise TypeError(f'{name}: expected a sequence of layer widths such as ({widths},), got the int {widths}')
   if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence):
     raise TypeError(f'{name}: expected a sequence of layer widths such as (128, 128), got {widths!r:.60}')
-  return tuple(_checks.check_int(name, width) for width in widths)
+  return tuple(checks.check_int(name, width) for width in widths)
 
 
 def _check_dropout_rate(rate: float) -> None:
-  _checks.check_real('dropout_rate', rate, expected='a value in [0, 1)', valid=lambda v: 0.0 <= v < 1.0)
+  checks.check_real('dropout_rate', rate, expected='a value in [0, 1)', valid=lambda v: 0.0 <= v < 1.0)
 
 
 @_with_init_signature
@@ -95,8 +95,8 @@ class MLP(nnx.Module):
       param_dtype: jnp.dtype = jnp.float32,
       rngs: nnx.Rngs,
   ):
-    _checks.check_int('in_features', in_features)
-    _checks.check_int('out_features', out_features)
+    checks.check_int('in_features', in_features)
+    checks.check_int('out_features', out_features)
     _check_dtype('dtype', dtype, optional=True)
     _check_dtype('param_dtype', param_dtype, optional=False)
     hidden = _check_widths('hidden', hidden)
@@ -243,7 +243,7 @@ class TransformerLM(nnx.Module):
   ):
     for name, value in (('vocab_size', vocab_size), ('context', context), ('d_model', d_model),
                         ('num_heads', num_heads), ('num_layers', num_layers), ('mlp_ratio', mlp_ratio)):
-      _checks.check_int(name, value)
+      checks.check_int(name, value)
     if d_model % num_heads:
       raise ValueError(f'd_model: expected a multiple of num_heads ({num_heads}), got {d_model}')
     _check_dtype('dtype', dtype, optional=True)

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 import optax
 
-from flaxtrain import _checks
+from flaxtrain import checks
 
 __all__ = ['make_optimizer']
 
@@ -35,11 +35,11 @@ _NAMES = ('sgd', 'adam', 'adamw')
 
 
 def _check_positive(name: str, value: Any) -> None:
-  _checks.check_real(name, value, expected='a finite number > 0', valid=lambda v: v > 0)
+  checks.check_real(name, value, expected='a finite number > 0', valid=lambda v: v > 0)
 
 
 def _check_unit_interval(name: str, value: Any) -> None:
-  _checks.check_real(name, value, expected='a number in [0, 1)', valid=lambda v: 0.0 <= v < 1.0)
+  checks.check_real(name, value, expected='a number in [0, 1)', valid=lambda v: 0.0 <= v < 1.0)
 
 
 def _check_schedule(schedule: Callable[[jax.Array], jax.Array]) -> None:
@@ -73,13 +73,13 @@ def _check_arguments(
   if name not in _NAMES:
     raise ValueError(f'name: expected one of {list(_NAMES)}, got {name!r}')
   if not callable(learning_rate):
-    _checks.check_real(
+    checks.check_real(
         'learning_rate', learning_rate,
         expected='a finite number > 0 or an optax schedule (step -> rate)', valid=lambda v: v > 0,
     )
   else:
     _check_schedule(learning_rate)
-  _checks.check_real('weight_decay', weight_decay, expected='a finite number >= 0', valid=lambda v: v >= 0)
+  checks.check_real('weight_decay', weight_decay, expected='a finite number >= 0', valid=lambda v: v >= 0)
   if name == 'adam' and weight_decay > 0:
     raise ValueError(
         f"weight_decay: 'adam' takes no weight decay, got {weight_decay!r}. Adding it to "

@@ -19,7 +19,7 @@ import numpy as np
 from matplotlib import pyplot as plt
 from matplotlib.axes import Axes
 
-from flaxtrain import _checks
+from flaxtrain import checks
 from flaxtrain.history import History
 
 __all__ = ['plot_history', 'plot_schedule']
@@ -123,7 +123,7 @@ def plot_schedule(
   """
   if not callable(schedule):
     raise TypeError(f'schedule: expected a callable step -> learning rate, got {schedule!r}')
-  _checks.check_int('num_steps', num_steps)
+  checks.check_int('num_steps', num_steps)
   steps = np.arange(num_steps)
   values = np.asarray(jax.vmap(schedule)(jnp.asarray(steps, dtype=jnp.int32)), dtype=np.float64)
   if values.shape != (num_steps,):

@@ -41,7 +41,7 @@ import numpy as np
 from flax import nnx
 from flax import struct
 
-from flaxtrain import _checks
+from flaxtrain import checks
 
 __all__ = [
     'DynamicLossScale',
@@ -50,6 +50,7 @@ __all__ = [
     'unscale_grads',
     'all_finite',
     'adjust_loss_scale',
+    'check_loss_scale',
     'count_underflow',
     'param_bytes',
 ]
@@ -111,14 +112,14 @@ def dynamic_loss_scale(
     >>> float(loss_scale.scale), int(loss_scale.good_steps)
     (1024.0, 0)
   """
-  growth_interval = _checks.check_int('growth_interval', growth_interval)
-  growth_factor = _checks.check_real(
+  growth_interval = checks.check_int('growth_interval', growth_interval)
+  growth_factor = checks.check_real(
       'growth_factor', growth_factor, expected='a finite number > 1', valid=lambda v: v > 1.0)
-  backoff_factor = _checks.check_real(
+  backoff_factor = checks.check_real(
       'backoff_factor', backoff_factor, expected='a number in (0, 1)', valid=lambda v: 0.0 < v < 1.0)
-  min_scale = _checks.check_real(
+  min_scale = checks.check_real(
       'min_scale', min_scale, expected='a finite float32 number > 0', valid=_positive_float32)
-  initial_scale = _checks.check_real(
+  initial_scale = checks.check_real(
       'initial_scale', initial_scale,
       expected=f'a finite float32 number >= min_scale ({min_scale})',
       valid=lambda v: _positive_float32(v) and v >= min_scale)
@@ -137,12 +138,12 @@ def _positive_float32(value: float) -> bool:
 
 
 def _check_static_fields(loss_scale: DynamicLossScale) -> None:
-  _checks.check_int('DynamicLossScale.growth_interval', loss_scale.growth_interval)
-  _checks.check_real('DynamicLossScale.growth_factor', loss_scale.growth_factor,
+  checks.check_int('DynamicLossScale.growth_interval', loss_scale.growth_interval)
+  checks.check_real('DynamicLossScale.growth_factor', loss_scale.growth_factor,
                      expected='a finite number > 1', valid=lambda v: v > 1.0)
-  _checks.check_real('DynamicLossScale.backoff_factor', loss_scale.backoff_factor,
+  checks.check_real('DynamicLossScale.backoff_factor', loss_scale.backoff_factor,
                      expected='a number in (0, 1)', valid=lambda v: 0.0 < v < 1.0)
-  _checks.check_real('DynamicLossScale.min_scale', loss_scale.min_scale,
+  checks.check_real('DynamicLossScale.min_scale', loss_scale.min_scale,
                      expected='a finite float32 number > 0', valid=_positive_float32)
 
 
@@ -154,7 +155,8 @@ def _check_scale_value(scale: float, min_scale: float) -> None:
     )
 
 
-def _check_loss_scale(loss_scale: Any) -> None:
+def check_loss_scale(loss_scale: Any) -> None:
+  """Raises unless ``loss_scale`` is a :class:`DynamicLossScale` with a float32 scalar scale."""
   if not isinstance(loss_scale, DynamicLossScale):
     raise TypeError(
         'loss_scale: expected a DynamicLossScale (from dynamic_loss_scale()), '
@@ -200,9 +202,9 @@ def scale_loss(loss: jax.Array, loss_scale: DynamicLossScale) -> jax.Array:
     >>> float(scale_loss(jnp.float32(0.5), dynamic_loss_scale(8.0)))
     4.0
   """
-  _check_loss_scale(loss_scale)
-  _checks.check_floating('loss', loss)
-  _checks.check_shape('loss', loss, (), 'a scalar loss')
+  check_loss_scale(loss_scale)
+  checks.check_floating('loss', loss)
+  checks.check_shape('loss', loss, (), 'a scalar loss')
   return loss * loss_scale.scale
 
 
@@ -223,7 +225,7 @@ def unscale_grads(grads: Any, loss_scale: DynamicLossScale) -> Any:
     >>> unscale_grads(grads, dynamic_loss_scale(1024.0))['w']
     Array([0.5, 2. ], dtype=float16)
   """
-  _check_loss_scale(loss_scale)
+  check_loss_scale(loss_scale)
   _check_floating_leaves('grads', grads)
 
   def unscale(g: jax.Array) -> jax.Array:
@@ -274,7 +276,7 @@ def adjust_loss_scale(loss_scale: DynamicLossScale, grads_finite: jax.Array | bo
     >>> float(adjust_loss_scale(loss_scale, False).scale)
     512.0
   """
-  _check_loss_scale(loss_scale)
+  check_loss_scale(loss_scale)
   if jnp.shape(grads_finite) != () or jnp.asarray(grads_finite).dtype != jnp.bool_:
     raise ValueError(
         'grads_finite: expected a boolean scalar (e.g. all_finite(grads)), got '
@@ -321,7 +323,7 @@ def count_underflow(values: Any, reference: Any) -> jax.Array:
     )
   count = jnp.array(0, jnp.int32)
   for (path, v), (_, r) in zip(values_leaves, reference_leaves):
-    _checks.check_shape(f'reference{jax.tree_util.keystr(path)}', r, jnp.shape(v), 'same as values')
+    checks.check_shape(f'reference{jax.tree_util.keystr(path)}', r, jnp.shape(v), 'same as values')
     count = count + jnp.sum((v == 0) & (r != 0), dtype=jnp.int32)
   return count
 

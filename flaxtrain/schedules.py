@@ -23,14 +23,14 @@ from typing import Any
 import numpy as np
 import optax
 
-from flaxtrain import _checks
+from flaxtrain import checks
 
 __all__ = ['constant_schedule', 'warmup_cosine', 'exponential_decay']
 
 
 def _check_rate(name: str, value: Any) -> float:
   """A learning rate: a finite number >= 0."""
-  return _checks.check_real(name, value, expected='a finite learning rate >= 0', valid=lambda v: v >= 0)
+  return checks.check_real(name, value, expected='a finite learning rate >= 0', valid=lambda v: v >= 0)
 
 
 def constant_schedule(value: float) -> optax.Schedule:
@@ -98,14 +98,14 @@ def warmup_cosine(
   """
   peak_value = _check_rate('peak_value', peak_value)
   init_value = _check_rate('init_value', init_value)
-  total_steps = _checks.check_int('total_steps', total_steps, minimum=1)
-  warmup_steps = _checks.check_int('warmup_steps', warmup_steps, minimum=0)
+  total_steps = checks.check_int('total_steps', total_steps, minimum=1)
+  warmup_steps = checks.check_int('warmup_steps', warmup_steps, minimum=0)
   if warmup_steps > total_steps:
     raise ValueError(
         f'warmup_steps: expected at most total_steps ({total_steps}), the length of the whole '
         f'schedule including warmup, got {warmup_steps}'
     )
-  alpha = _checks.check_real(
+  alpha = checks.check_real(
       'alpha', alpha, expected='a multiplier of peak_value in [0, 1]', valid=lambda v: 0.0 <= v <= 1.0
   )
 
@@ -161,13 +161,13 @@ def exponential_decay(
     [1.0, 1.0, 0.5, 0.25]
   """
   init_value = _check_rate('init_value', init_value)
-  transition_steps = _checks.check_int('transition_steps', transition_steps, minimum=1)
-  decay_rate = _checks.check_real(
+  transition_steps = checks.check_int('transition_steps', transition_steps, minimum=1)
+  decay_rate = checks.check_real(
       'decay_rate', decay_rate, expected='a factor in (0, 1]', valid=lambda v: 0.0 < v <= 1.0
   )
   if not isinstance(staircase, (bool, np.bool_)):
     raise ValueError(f'staircase: expected True or False, got {staircase!r}')
-  transition_begin = _checks.check_int('transition_begin', transition_begin, minimum=0)
+  transition_begin = checks.check_int('transition_begin', transition_begin, minimum=0)
   if end_value is not None:
     end_value = _check_rate('end_value', end_value)
     if end_value > init_value:

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flaxtrain import _checks
+from flaxtrain import checks
 from flaxtrain.losses import softmax_cross_entropy_with_integer_labels
 
 __all__ = [
@@ -159,9 +159,9 @@ def load_python_docs(num_chars: int = 150_000, *, val_fraction: float = 0.1, sta
   """
   from pydoc_data import topics  # standard library
 
-  _checks.check_int('num_chars', num_chars)
-  _checks.check_int('start', start, minimum=0)
-  _checks.check_real('val_fraction', val_fraction, expected='a fraction in (0, 1)', valid=lambda v: 0.0 < v < 1.0)
+  checks.check_int('num_chars', num_chars)
+  checks.check_int('start', start, minimum=0)
+  checks.check_real('val_fraction', val_fraction, expected='a fraction in (0, 1)', valid=lambda v: 0.0 < v < 1.0)
   text = '\n\n'.join(topics.topics[name] for name in sorted(topics.topics))
   if start + num_chars > len(text):
     raise ValueError(
@@ -230,9 +230,9 @@ class TextLoader:
 
   def __init__(self, tokens: Any, context: int, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                vocab_size: int | None = None):
-    _checks.check_int('context', context)
-    _checks.check_int('batch_size', batch_size)
-    _checks.check_int('seed', seed, minimum=0)
+    checks.check_int('context', context)
+    checks.check_int('batch_size', batch_size)
+    checks.check_int('seed', seed, minimum=0)
     tokens = _check_tokens('tokens', tokens)
     if tokens.max() > np.iinfo(np.int32).max:
       raise ValueError(f'tokens: expected ids that fit in int32, got {tokens.max()}')
@@ -266,7 +266,7 @@ class TextLoader:
     Example:
       >>> TextLoader(np.arange(70) % 65, 8, 2).check_vocab_size(65)
     """
-    _checks.check_int('vocab_size', vocab_size)
+    checks.check_int('vocab_size', vocab_size)
     if self.max_token_id >= vocab_size:
       raise ValueError(
           f'{name}: expected token ids below the model\'s vocab_size ({vocab_size}), got ids up to '
@@ -327,8 +327,8 @@ def _unigram_probs(train: np.ndarray, vocab_size: int, smoothing: float) -> np.n
 
 
 def _check_baseline_args(train: Any, tokens: Any, vocab_size: Any, smoothing: Any) -> tuple[np.ndarray, np.ndarray]:
-  _checks.check_int('vocab_size', vocab_size)
-  _checks.check_real('smoothing', smoothing, expected='a finite number > 0', valid=lambda v: v > 0)
+  checks.check_int('vocab_size', vocab_size)
+  checks.check_real('smoothing', smoothing, expected='a finite number > 0', valid=lambda v: v > 0)
   train, tokens = _check_tokens('train', train), _check_tokens('tokens', tokens)
   for name, array in (('train', train), ('tokens', tokens)):
     if array.max() >= vocab_size:
@@ -407,13 +407,13 @@ def next_token_loss(model: nnx.Module, batch: Any) -> tuple[jax.Array, dict[str,
     >>> history = ft.fit(model, optimizer, loader, epochs=1, loss_fn=next_token_loss)  # doctest: +SKIP
   """
   inputs, targets = batch['input'], batch['target']
-  _checks.check_shape('target', targets, jnp.shape(inputs), 'same as input')
+  checks.check_shape('target', targets, jnp.shape(inputs), 'same as input')
   logits = model(inputs)
   if jnp.shape(logits)[:-1] != jnp.shape(targets):
     raise ValueError(f'model: expected logits of shape {jnp.shape(targets)} + (vocab,), got {jnp.shape(logits)}')
   mask = batch.get('mask')
   if mask is not None:
-    _checks.check_shape('mask', mask, jnp.shape(targets)[:1], 'one weight per window')
+    checks.check_shape('mask', mask, jnp.shape(targets)[:1], 'one weight per window')
     mask = jnp.broadcast_to(jnp.asarray(mask)[:, None], jnp.shape(targets)).reshape(-1)
   loss = softmax_cross_entropy_with_integer_labels(
       logits.reshape(-1, logits.shape[-1]).astype(jnp.float32), targets.reshape(-1), mask
@@ -468,9 +468,9 @@ def sample_text(
     raise TypeError(f'vocab: expected a CharVocab, got {type(vocab).__name__}')
   if not isinstance(prompt, str) or not prompt:
     raise ValueError(f'prompt: expected a non-empty string, got {prompt!r}')
-  _checks.check_int('num_chars', num_chars)
-  _checks.check_int('seed', seed, minimum=0)
-  temperature = _checks.check_real('temperature', temperature, expected='a finite number > 0', valid=lambda v: v > 0)
+  checks.check_int('num_chars', num_chars)
+  checks.check_int('seed', seed, minimum=0)
+  temperature = checks.check_real('temperature', temperature, expected='a finite number > 0', valid=lambda v: v > 0)
   context = getattr(model, 'context', None)
   if not isinstance(context, int) or context < 1:
     raise TypeError(f'model: expected a language model with an int `context` attribute, got {type(model).__name__}')

@@ -42,7 +42,6 @@ import io
 import math
 import numbers
 import os
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -52,8 +51,8 @@ import numpy as np
 import optax
 from matplotlib.figure import Figure
 
-from flaxtrain import _checks
-from flaxtrain.live import _in_notebook
+from flaxtrain import checks
+from flaxtrain.live import in_notebook
 from flaxtrain.optim import make_optimizer
 from flaxtrain.schedules import exponential_decay
 from flaxtrain.schedules import warmup_cosine
@@ -71,15 +70,10 @@ def _widget_frontend() -> bool:
 
   A Jupyter server (JupyterLab, Notebook 7) starts each notebook's kernel
   with ``JPY_SESSION_NAME`` set; a notebook executed headless (nbclient,
-  nbval, ``make notebooks``) has none. A front end whose widget manager has
-  already opened ipywidgets' control comm in this kernel counts too.
+  nbval, ``make notebooks``) has none. Other front ends that show widgets
+  (VS Code) can show ``explorer.widget`` with ``display``.
   """
-  if not _in_notebook():
-    return False
-  if os.environ.get('JPY_SESSION_NAME'):
-    return True
-  widgets_module = sys.modules.get('ipywidgets')
-  return widgets_module is not None and getattr(widgets_module.Widget, '_control_comm', None) is not None
+  return in_notebook() and bool(os.environ.get('JPY_SESSION_NAME'))
 
 
 def _png(figure: Figure) -> bytes:
@@ -294,7 +288,7 @@ class ScheduleExplorer(Explorer):
   def _check(self, settings: dict[str, Any]) -> None:
     if settings['kind'] not in _KINDS:
       raise ValueError(f'kind: expected one of {list(_KINDS)}, got {settings["kind"]!r}')
-    _checks.check_int('total_steps', settings['total_steps'], minimum=1)
+    checks.check_int('total_steps', settings['total_steps'], minimum=1)
     try:
       self.schedule(settings)  # the library's own checks, with its messages
     except ValueError as error:  # exponential_decay calls the peak its init_value
@@ -435,16 +429,16 @@ def schedule_explorer(
     if isinstance(at_steps, (str, bytes)) or not isinstance(at_steps, Sequence) or not at_steps:
       raise ValueError(f'at_steps: expected a non-empty sequence of steps (ints >= 0), got {at_steps!r}')
     for step in at_steps:
-      _checks.check_int('at_steps', step, minimum=0)
+      checks.check_int('at_steps', step, minimum=0)
   settings = dict(kind=kind, peak_value=peak_value, total_steps=total_steps, warmup_steps=warmup_steps,
                   alpha=alpha, transition_steps=transition_steps, decay_rate=decay_rate, staircase=staircase)
   # Both kinds are checked up front: the sliders switch between them.
   for name in ('total_steps', 'transition_steps'):
-    _checks.check_int(name, settings[name], minimum=1)
+    checks.check_int(name, settings[name], minimum=1)
   warmup_cosine(peak_value, total_steps, warmup_steps, alpha=alpha)
   exponential_decay(peak_value, transition_steps, decay_rate, staircase=staircase)
   largest = 2 * max(total_steps, warmup_steps, transition_steps)
-  max_steps = largest if max_steps is None else _checks.check_int('max_steps', max_steps, minimum=1)
+  max_steps = largest if max_steps is None else checks.check_int('max_steps', max_steps, minimum=1)
   if max_steps < max(total_steps, warmup_steps, transition_steps):
     raise ValueError(f'max_steps: expected at least total_steps, warmup_steps and transition_steps '
                      f'({max(total_steps, warmup_steps, transition_steps)}), got {max_steps}')
@@ -483,7 +477,7 @@ class ClippingExplorer(Explorer):
     super().__init__({'threshold': threshold})
 
   def _check(self, settings: dict[str, Any]) -> None:
-    _checks.check_real('threshold', settings['threshold'], expected='a clip threshold > 0 (the largest norm kept)',
+    checks.check_real('threshold', settings['threshold'], expected='a clip threshold > 0 (the largest norm kept)',
                        valid=lambda v: v > 0)
 
   def _update(self, settings: dict[str, Any], changed: set[str]) -> tuple[dict[str, Any], str]:
@@ -565,13 +559,13 @@ def clipping_explorer(grads: Any, threshold: float = 1.0) -> ClippingExplorer:
       raise ValueError(f'grads: expected every gradient array stacked along a leading step axis of one size, '
                        f'got shapes {[np.shape(leaf) for leaf in leaves]}')
     for leaf in leaves:
-      _checks.check_floating('grads', leaf)
+      checks.check_floating('grads', leaf)
     norms = np.asarray(jax.vmap(optax.tree.norm)(grads), np.float64)
     if not np.all(np.isfinite(norms)):
       bad = np.flatnonzero(~np.isfinite(norms))
       raise ValueError(f'grads: expected finite gradients, got non-finite ones at {bad.size} steps '
                        f'(the first: {bad[:5].tolist()})')
-  threshold = _checks.check_real('threshold', threshold, expected='a clip threshold > 0', valid=lambda v: v > 0)
+  threshold = checks.check_real('threshold', threshold, expected='a clip threshold > 0', valid=lambda v: v > 0)
   positive = norms[norms > 0]
   low = float(min(positive.min() if positive.size else threshold, threshold))
   high = float(max(norms.max(), threshold))
@@ -770,7 +764,7 @@ def optimizer_explorer(
       or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in start)
       or not (extent[0] <= start[0] <= extent[1] and extent[2] <= start[1] <= extent[3])):
     raise ValueError(f'start: expected a point (x, y) inside extent {tuple(extent)}, got {start!r}')
-  num_steps = _checks.check_int('num_steps', num_steps, minimum=1)
+  num_steps = checks.check_int('num_steps', num_steps, minimum=1)
   if num_steps > 10_000:
     raise ValueError(f'num_steps: expected at most 10000 (every step is drawn), got {num_steps}')
   try:

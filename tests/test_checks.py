@@ -4,13 +4,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxtrain import _checks
+from flaxtrain import checks
 
 
 @pytest.mark.parametrize('value', [3, np.int64(3), np.int32(3)])
 def test_check_int_accepts_python_and_numpy_ints(value):
-  assert _checks.check_int('n', value) == 3
-  assert type(_checks.check_int('n', value)) is int
+  assert checks.check_int('n', value) == 3
+  assert type(checks.check_int('n', value)) is int
 
 
 @pytest.mark.parametrize('value, minimum, match', [
@@ -22,21 +22,21 @@ def test_check_int_accepts_python_and_numpy_ints(value):
 ])
 def test_check_int_rejects(value, minimum, match):
   with pytest.raises(ValueError, match=match):
-    _checks.check_int('n', value, minimum=minimum)
+    checks.check_int('n', value, minimum=minimum)
 
 
 @pytest.mark.parametrize('value', [0.5, 1, np.float32(0.5), jnp.float32(0.5), np.array(0.5)])
 def test_check_real_accepts_numbers_and_scalar_arrays(value):
-  assert _checks.check_real('x', value) == float(value)
+  assert checks.check_real('x', value) == float(value)
 
 
 @pytest.mark.parametrize('value', [float('nan'), float('inf'), True, '0.5', None, np.ones(2), 1j])
 def test_check_real_rejects_non_finite_and_non_numbers(value):
   with pytest.raises(ValueError, match=r'x: expected a finite number, got'):
-    _checks.check_real('x', value)
+    checks.check_real('x', value)
 
 
 def test_check_real_range_predicate_and_message():
-  assert _checks.check_real('p', 0.0, expected='a number in [0, 1)', valid=lambda v: 0 <= v < 1) == 0.0
+  assert checks.check_real('p', 0.0, expected='a number in [0, 1)', valid=lambda v: 0 <= v < 1) == 0.0
   with pytest.raises(ValueError, match=r'p: expected a number in \[0, 1\), got 1.0'):
-    _checks.check_real('p', 1.0, expected='a number in [0, 1)', valid=lambda v: 0 <= v < 1)
+    checks.check_real('p', 1.0, expected='a number in [0, 1)', valid=lambda v: 0 <= v < 1)

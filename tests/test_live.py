@@ -29,7 +29,7 @@ class FakeDisplay:
 @pytest.fixture
 def notebook(monkeypatch):
   fake = FakeDisplay()
-  monkeypatch.setattr(live, '_in_notebook', lambda: True)
+  monkeypatch.setattr(live, 'in_notebook', lambda: True)
   monkeypatch.setattr(live, '_display', fake)
   return fake
 

@@ -363,18 +363,13 @@ def test_make_lab_passes_the_server_config():
   assert f'JUPYTER_CONFIG_PATH="{root}/tools/jupyter' in command and 'jupyter lab' in command, command
 
 
-def test_widget_front_end_is_a_jupyter_server_session_or_an_open_control_comm(monkeypatch):
-  import ipywidgets
-  monkeypatch.setattr(widgets, '_in_notebook', lambda: True)
+def test_widget_front_end_is_a_jupyter_server_session(monkeypatch):
+  monkeypatch.setattr(widgets, 'in_notebook', lambda: True)
   monkeypatch.delenv('JPY_SESSION_NAME', raising=False)
-  monkeypatch.setattr(ipywidgets.Widget, '_control_comm', None)
-  assert not widgets._widget_frontend()                 # nbclient: no server session, no widget manager
+  assert not widgets._widget_frontend()                 # nbclient: no server session
   monkeypatch.setenv('JPY_SESSION_NAME', '/notebooks/03_optimizers.ipynb')
   assert widgets._widget_frontend()                     # a kernel JupyterLab started
-  monkeypatch.delenv('JPY_SESSION_NAME')
-  monkeypatch.setattr(ipywidgets.Widget, '_control_comm', object())
-  assert widgets._widget_frontend()                     # a widget manager opened its control comm
-  monkeypatch.setattr(widgets, '_in_notebook', lambda: False)
+  monkeypatch.setattr(widgets, 'in_notebook', lambda: False)
   assert not widgets._widget_frontend()                 # a script
 
 
