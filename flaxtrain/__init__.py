@@ -20,9 +20,9 @@ from flaxtrain.metrics import accuracy
 from flaxtrain.losses import LossFn  # documented Protocol: help(ft.LossFn)
 from flaxtrain.steps import classification_loss
 from flaxtrain.steps import current_learning_rate
-from flaxtrain.steps import eval_view
-from flaxtrain.steps import evaluate
-from flaxtrain.steps import make_eval_step
+from flaxtrain.evaluation import eval_view
+from flaxtrain.evaluation import evaluate
+from flaxtrain.evaluation import make_eval_step
 from flaxtrain.steps import make_train_step
 from flaxtrain.steps import stack_batches
 

@@ -8,6 +8,7 @@ a last batch, for example).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -16,10 +17,12 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from flaxtrain import _checks
+from flaxtrain import checks
 
 __all__ = [
     'LossFn',
+    'call_loss_fn',
+    'check_loss_fn',
     'softmax_cross_entropy',
     'softmax_cross_entropy_with_integer_labels',
     'mean_squared_error',
@@ -60,6 +63,83 @@ class LossFn(Protocol):
     ...
 
 
+def check_loss_fn(loss_fn: Any) -> None:
+  """Raises TypeError unless ``loss_fn`` can be called as ``loss_fn(model, batch)``.
+
+  Only the signature is read; nothing is traced or run.
+
+  Args:
+    loss_fn: the candidate loss function.
+  """
+  if not callable(loss_fn):
+    raise TypeError(f'loss_fn: expected a callable loss_fn(model, batch) -> (loss, aux), got {loss_fn!r}')
+  try:
+    signature = inspect.signature(loss_fn)
+  except (TypeError, ValueError):  # some builtins have none: nothing to check
+    return
+  try:
+    signature.bind(None, None)
+  except TypeError as error:
+    name = getattr(loss_fn, '__name__', type(loss_fn).__name__)
+    raise TypeError(
+        'loss_fn: expected a function called as loss_fn(model, batch) -> (loss, aux), got '
+        f'{name}{signature}, which cannot be called with (model, batch): {error}'
+    ) from None
+
+
+def describe(value: Any) -> str:
+  """A short description of ``value`` for error messages: its kind and shape, never its contents."""
+  if isinstance(value, tuple):
+    return f'a tuple of {len(value)}'
+  shape = getattr(value, 'shape', None)
+  return f'an array of shape {tuple(shape)}' if shape is not None else type(value).__name__
+
+
+def call_loss_fn(
+    loss_fn: LossFn, model: nnx.Module, batch: Mapping[str, Any], reserved: tuple[str, ...] = (),
+) -> tuple[jax.Array, Mapping[str, jax.Array]]:
+  """``loss_fn(model, batch)``, checked against the :class:`LossFn` contract.
+
+  The one place where flaxtrain checks what a loss function returns; the
+  train step, the eval step and ``fit``'s checks before training all call
+  it, so a broken ``loss_fn`` gets the same message everywhere. The checks
+  read only shapes, so they cost nothing under ``jax.jit``.
+
+  Args:
+    loss_fn: ``loss_fn(model, batch) -> (loss, aux)``.
+    model: the model to pass.
+    batch: the batch to pass.
+    reserved: metric names the caller adds itself, which ``aux`` may not use.
+
+  Returns:
+    ``(loss, aux)`` as ``loss_fn`` returned them.
+
+  Raises:
+    TypeError, ValueError: naming ``loss_fn`` and what it returned.
+
+  Example:
+    >>> loss, aux = call_loss_fn(lambda m, b: (jnp.float32(0.0), {}), None, {})
+  """
+  out = loss_fn(model, batch)
+  if not (isinstance(out, tuple) and len(out) == 2):
+    raise TypeError(
+        'loss_fn: expected loss_fn(model, batch) to return a pair (loss, aux): a scalar loss and a '
+        f'dict of scalar metrics ({{}} for none), got {describe(out)}'
+    )
+  loss, aux = out
+  if jnp.shape(loss) != ():
+    raise ValueError(f'loss_fn: expected a scalar loss (the mean over the batch), got shape {jnp.shape(loss)}')
+  if not isinstance(aux, Mapping):
+    raise TypeError(
+        f'loss_fn: expected aux to be a dict of scalar metrics ({{}} for none), got {type(aux).__name__}')
+  for name, value in aux.items():
+    if name in reserved:
+      raise ValueError(f'loss_fn: aux key {name!r} is reserved (the step reports {", ".join(reserved)} itself)')
+    if jnp.shape(value) != ():
+      raise ValueError(f'loss_fn: expected aux[{name!r}] to be a scalar, got shape {jnp.shape(value)}')
+  return loss, aux
+
+
 def masked_mean(values: jax.Array, mask: jax.Array | None = None) -> jax.Array:
   """Mean of ``values``, counting only the entries where ``mask`` is non-zero.
 
@@ -76,7 +156,7 @@ def masked_mean(values: jax.Array, mask: jax.Array | None = None) -> jax.Array:
   """
   if mask is None:
     return jnp.mean(values)
-  _checks.check_shape('mask', mask, values.shape, 'one weight per example')
+  checks.check_shape('mask', mask, values.shape, 'one weight per example')
   mask = mask.astype(values.dtype)
   return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1)
 
@@ -98,9 +178,9 @@ def softmax_cross_entropy(
     >>> logits = jnp.array([[2.0, 0.0], [0.0, 2.0]])
     >>> loss = softmax_cross_entropy(logits, jnp.eye(2))
   """
-  _checks.check_floating('logits', logits)
-  _checks.check_floating('labels', labels)
-  _checks.check_shape(
+  checks.check_floating('logits', logits)
+  checks.check_floating('labels', labels)
+  checks.check_shape(
       'labels', labels, jnp.shape(logits),
       'same as logits; for class indices use '
       'softmax_cross_entropy_with_integer_labels',
@@ -132,16 +212,16 @@ def softmax_cross_entropy_with_integer_labels(
     >>> logits = jnp.array([[2.0, 0.0], [0.0, 2.0]])
     >>> loss = softmax_cross_entropy_with_integer_labels(logits, jnp.array([0, 1]))
   """
-  _checks.check_floating('logits', logits)
-  _checks.check_integer('labels', labels)
-  _checks.check_shape(
+  checks.check_floating('logits', logits)
+  checks.check_integer('labels', labels)
+  checks.check_shape(
       'labels', labels, jnp.shape(logits)[:-1], 'logits.shape without the class axis'
   )
   per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   valid = (labels >= 0) & (labels < jnp.shape(logits)[-1])
   per_example = jnp.where(valid, per_example, jnp.nan)
   if mask is not None:
-    _checks.check_shape('mask', mask, per_example.shape, 'one weight per example')
+    checks.check_shape('mask', mask, per_example.shape, 'one weight per example')
     per_example = jnp.where(mask != 0, per_example, 0.0)  # masked-out rows may hold any label
   return masked_mean(per_example, mask)
 
@@ -165,9 +245,9 @@ def mean_squared_error(
     >>> float(mean_squared_error(jnp.array([1.0, 2.0]), jnp.array([1.0, 4.0])))
     2.0
   """
-  _checks.check_floating('predictions', predictions)
-  _checks.check_floating('targets', targets)
-  _checks.check_shape('targets', targets, jnp.shape(predictions), 'same as predictions')
+  checks.check_floating('predictions', predictions)
+  checks.check_floating('targets', targets)
+  checks.check_shape('targets', targets, jnp.shape(predictions), 'same as predictions')
   if jnp.ndim(predictions) == 0:
     raise ValueError('predictions: expected an array with a batch axis, got a scalar')
   squared = jnp.square(predictions - targets)

@@ -1,47 +1,44 @@
-"""Jitted train and eval steps built from a user's ``loss_fn``.
+"""The train step, built from a user's ``loss_fn``, and the state it runs on.
 
-A loss function has the signature ``loss_fn(model, batch) -> (loss, aux)``:
-``loss`` is a scalar and ``aux`` a dict of scalar metrics computed in the same
-forward pass (``has_aux=True``). The factories here turn it into
+A loss function has the signature ``loss_fn(model, batch) -> (loss, aux)``
+(see :class:`flaxtrain.LossFn`). :func:`make_train_step` turns it into
 
 * ``train_step(model, optimizer, batch) -> metrics``: gradients with
-  ``nnx.value_and_grad``, the update with ``optimizer.update(model, grads)``,
-  in place; metrics hold ``loss``, ``grad_norm`` (the global norm of the raw
-  gradients, *before* any clipping in the optimizer), ``learning_rate`` (the
-  rate this update used, when the optimizer was built with
-  ``optax.inject_hyperparams``) and everything in ``aux``. With
-  ``loss_scale=`` (float16), dynamic loss scaling, and ``loss_scale`` and
-  ``grads_finite`` in the metrics.
+  ``nnx.value_and_grad``, the update with ``optimizer.update(model, grads)``;
+  ``model`` and ``optimizer`` are current after every call. The metrics hold
+  ``loss``, ``grad_norm`` (the global norm of the raw gradients, *before* any
+  clipping in the optimizer), ``learning_rate`` (the rate this update used,
+  when the optimizer was built with ``optax.inject_hyperparams``) and
+  everything in ``aux``; with ``loss_scale=`` (float16), also ``loss_scale``
+  and ``grads_finite``.
 * ``train_step.many(model, optimizer, batches)``: ``K`` such steps in one
   dispatch, on batches stacked by :func:`stack_batches`.
-* ``eval_step(model, batch) -> metrics``: the loss on a view of the model in
-  evaluation mode (Dropout off, BatchNorm on its running averages), plus
-  ``count``, the number of real examples in the batch.
 
 The metrics stay on the device; pull them off only when you log them.
 
-Why the train step is as fast as hand-written JAX: ``nnx.jit`` walks the
-graph of the model and the optimizer in Python on every call, which costs
-several times a small model's whole step. The train step walks it once per
-(model, optimizer) pair, compiles one ``jax.jit`` function over the flat list
-of their arrays (donated, so no second copy is held), and on each call reads
-the arrays out of the same ``nnx.Variable`` objects and writes the new ones
-back, after a check of about a microsecond that the structure did not
-change. Where that cannot apply it falls back to ``nnx.jit`` by itself; see
-:func:`make_train_step` for the rules.
+How it works, with Flax's and JAX's public API only (the recipe notebook 09
+teaches): ``nnx.split((model, optimizer))`` takes the objects apart once into
+their structure (a ``GraphDef``) and their arrays. One function,
+:func:`train_arrays`, takes the arrays as a flat list, rebuilds the objects
+with ``nnx.merge`` inside the trace, applies the update and returns the new
+arrays. Under ``jax.jit`` (:func:`compiled_step`) the structure is a static
+argument, so JAX compiles it once per structure and loss function, for every
+model of that structure. A :class:`TrainState` holds the split: ``fit`` keeps
+its arrays as a plain value from step to step, donating them to each step
+(so it never holds two copies of the state), and writes them back into the
+Variables only where the objects must be current; ``train_step(model,
+optimizer, batch)`` writes back after every call, after checking with
+``jax.tree.flatten`` that the objects still have the structure it split.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import inspect
+import hashlib
 import operator
-import sys
-import types
-import weakref
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,28 +48,46 @@ from flax import nnx
 
 from flaxtrain import precision
 from flaxtrain.losses import LossFn
-from flaxtrain.parallel import DataParallel
-from flaxtrain.parallel import as_parallel
+from flaxtrain.losses import call_loss_fn
+from flaxtrain.losses import check_loss_fn
+from flaxtrain.losses import describe
 from flaxtrain.losses import softmax_cross_entropy_with_integer_labels
 from flaxtrain.metrics import accuracy
+from flaxtrain.parallel import DataParallel
+from flaxtrain.parallel import as_parallel
 
 __all__ = [
+    'DeviceBatches',
     'LossFn',
+    'MetricsBuffer',
+    'RESERVED',
+    'StepSpec',
+    'StructureChanged',
+    'TrainState',
+    'TrainStep',
+    'check_model_and_optimizer',
     'classification_loss',
     'current_learning_rate',
+    'compiled_step',
     'make_train_step',
-    'TrainStep',
+    'metric_names',
+    'optimizer_key',
     'stack_batches',
-    'make_eval_step',
-    'eval_view',
-    'evaluate',
+    'train_arrays',
+    'update',
 ]
 
 Batch = Mapping[str, Any]
+RESERVED = ('loss', 'grad_norm', 'learning_rate', 'loss_scale', 'grads_finite')
+_MANY_MODES = ('auto', 'scan', 'unroll', 'loop')
+_MISSING = object()
 
 
 def classification_loss(model: nnx.Module, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Cross-entropy and accuracy of ``model`` on ``{'image', 'label'[, 'mask']}``.
+
+  ``'image'`` is simply the input the model is called on: images, or rows of
+  tabular features (``DataLoader({'image': features, 'label': labels}, ...)``).
 
   Args:
     model: maps ``batch['image']`` to logits ``(batch, num_classes)``.
@@ -88,7 +103,7 @@ def classification_loss(model: nnx.Module, batch: Batch) -> tuple[jax.Array, dic
   """
   if not isinstance(batch, Mapping):
     raise TypeError(f"batch: classification_loss expects a dict with keys 'image' and 'label' "
-                    f"(and optionally 'mask'), got {_describe(batch)}")
+                    f"(and optionally 'mask'), got {describe(batch)}")
   if not {'image', 'label'} <= set(batch):
     raise ValueError(f"batch: classification_loss expects the keys 'image' and 'label' (and optionally "
                      f"'mask'), got keys {sorted(batch)}; for other data pass loss_fn=your own "
@@ -99,44 +114,14 @@ def classification_loss(model: nnx.Module, batch: Batch) -> tuple[jax.Array, dic
   return loss, {'accuracy': accuracy(logits, batch['label'], mask)}
 
 
-def _check_loss_fn(loss_fn: Any) -> None:
-  """Raises unless ``loss_fn`` is a callable that can be called as ``loss_fn(model, batch)``."""
-  if not callable(loss_fn):
-    raise TypeError(f'loss_fn: expected a callable loss_fn(model, batch) -> (loss, aux), got {loss_fn!r}')
-  try:
-    signature = inspect.signature(loss_fn)
-  except (TypeError, ValueError):  # some builtins have none: nothing to check
-    return
-  try:
-    signature.bind(None, None)
-  except TypeError as error:
-    name = getattr(loss_fn, '__name__', type(loss_fn).__name__)
-    raise TypeError(
-        'loss_fn: expected a function called as loss_fn(model, batch) -> (loss, aux), got '
-        f'{name}{signature}, which cannot be called with (model, batch): {error}'
-    ) from None
-
-
-def _check_loss_output(loss: Any, aux: Any, reserved: tuple[str, ...]) -> None:
-  """Checks, at trace time, that loss_fn returned a scalar and a dict of scalars."""
-  if jnp.shape(loss) != ():
-    raise ValueError(f'loss_fn: expected a scalar loss, got shape {jnp.shape(loss)}')
-  if not isinstance(aux, Mapping):
-    raise TypeError(f'loss_fn: expected aux to be a dict of scalar metrics, got {type(aux).__name__}')
-  for name, value in aux.items():
-    if name in reserved:
-      raise ValueError(f'loss_fn: aux key {name!r} is reserved by the step (reserved: {reserved})')
-    if jnp.shape(value) != ():
-      raise ValueError(f'loss_fn: aux[{name!r}] must be a scalar, got shape {jnp.shape(value)}')
-
-
 def current_learning_rate(optimizer: nnx.Optimizer) -> jax.Array | None:
   """The learning rate held in ``optimizer``'s state, or None if it holds none.
 
   Optax keeps the learning rate in the state only when the transformation was
   wrapped in ``optax.inject_hyperparams``; then, after each update, the state
   holds the rate that update used. The search looks through ``optax.chain``
-  and nested states and returns the first ``learning_rate`` it finds.
+  and nested states (``optax.tree.get_all_with_path``) and returns the first
+  ``learning_rate`` among the injected hyperparameters.
 
   Args:
     optimizer: an ``nnx.Optimizer``.
@@ -150,103 +135,23 @@ def current_learning_rate(optimizer: nnx.Optimizer) -> jax.Array | None:
     >>> current_learning_rate(optimizer)                      # doctest: +SKIP
     Array(0.001, dtype=float32)
   """
-  def search(state: Any) -> Any:
-    hyperparams = getattr(state, 'hyperparams', None)
-    if isinstance(hyperparams, Mapping) and 'learning_rate' in hyperparams:
-      return hyperparams['learning_rate']
-    if isinstance(state, (tuple, list)):  # chain states and NamedTuple states
-      for child in state:
-        found = search(child)
-        if found is not None:
-          return found
-    return None
-
-  found = search(optimizer.opt_state)
+  found = next((value for path, value in optax.tree.get_all_with_path(optimizer.opt_state, 'learning_rate')
+                if any(getattr(key, 'name', None) == 'hyperparams' for key in path)), None)
   if isinstance(found, nnx.Variable):
     found = found.get_value()
   return None if found is None else jnp.asarray(found)
 
 
-# The train step ----------------------------------------------------------------
+def check_model_and_optimizer(model: Any, optimizer: Any) -> None:
+  """Type checks, and that ``optimizer``'s state fits ``model``'s parameters (shapes only).
 
-_MISSING = object()
-_RESERVED = ('loss', 'grad_norm', 'learning_rate', 'loss_scale', 'grads_finite')
-_MANY_MODES = ('auto', 'scan', 'unroll', 'loop')
-_CACHE_SIZE = 8  # (model, optimizer) pairs the steps remember
-_COMPILED_SIZE = 64  # compiled steps kept, over loss functions and structures
+  Args:
+    model: should be an ``nnx.Module``.
+    optimizer: should be ``nnx.Optimizer(model, tx, wrt=...)`` for this model.
 
-
-def _write_raw_values(variables: list[nnx.Variable], values: list[Any]) -> None:
-  """Stores ``values[i]`` as the array held by ``variables[i]``, in place.
-
-  The one place where flaxtrain relies on Flax internals: it writes the
-  ``_raw_value`` slot that ``Variable.get_raw_value`` reads, as
-  ``Variable.set_raw_value`` does, without its per-call checks (about 4 µs
-  per Variable through ``set_value``, well under 0.1 µs this way). Only for
-  plain Variables (no ``ref``, no ``hijax``) outside any trace; tested
-  against ``get_value``/``set_value`` in tests/test_fast_step.py, with Flax
-  0.12.8. Should a later Flax drop the slot, the public (slower)
-  ``set_raw_value`` is used instead.
+  Raises:
+    TypeError, ValueError: naming the argument, what was expected and given.
   """
-  if _RAW_SLOT is None:
-    for variable, value in zip(variables, values):
-      variable.set_raw_value(value, _unsafe_bypass_check=True)
-    return
-  deque(map(_RAW_SLOT.__set__, variables, values), maxlen=0)
-
-
-_RAW_SLOT = vars(nnx.Variable).get('_raw_value')  # the slot behind get_raw_value/set_raw_value
-if not isinstance(_RAW_SLOT, types.MemberDescriptorType):
-  _RAW_SLOT = None
-# Reads what get_raw_value returns, in C (~30 ns per Variable against ~45 ns for the method).
-_read_raw_values = nnx.Variable.get_raw_value if _RAW_SLOT is None else operator.attrgetter('_raw_value')
-
-
-def _refcount_baseline() -> int:
-  """References to an array held only by a Variable, counted as __call__ counts them."""
-  variable = nnx.Variable(np.zeros(()))  # NumPy: importing flaxtrain starts no JAX backend
-  return list(map(sys.getrefcount, list(map(_read_raw_values, [variable]))))[0]
-
-
-_UNSHARED = _refcount_baseline()
-
-
-def _donatable(entry: _Entry) -> list[Any]:
-  """The arrays of ``entry``'s Variables, ready to donate.
-
-  An array that something besides its Variable references (a user's
-  ``w = model.out.kernel[...]``) is copied, and the copy donated, so that
-  reference stays valid.
-  """
-  leaves = list(map(_read_raw_values, entry.variables))
-  if list(map(sys.getrefcount, leaves)) != entry.unshared:
-    counts = list(map(sys.getrefcount, leaves))
-    leaves = [x if count == _UNSHARED else x.copy() for x, count in zip(leaves, counts)]
-  return leaves
-
-
-def _describe(value: Any) -> str:
-  if isinstance(value, tuple):
-    return f'a tuple of {len(value)}'
-  shape = getattr(value, 'shape', None)
-  return f'an array of shape {tuple(shape)}' if shape is not None else type(value).__name__
-
-
-def _call_loss_fn(loss_fn: LossFn, model: nnx.Module, batch: Batch) -> tuple[jax.Array, Mapping[str, jax.Array]]:
-  """Calls ``loss_fn`` (at trace time) and checks that it returned ``(scalar, dict of scalars)``."""
-  out = loss_fn(model, batch)
-  if not (isinstance(out, tuple) and len(out) == 2):
-    raise TypeError(
-        'loss_fn: expected it to return a pair (loss, aux), aux a dict of scalar metrics '
-        f'(return (loss, {{}}) for none), got {_describe(out)}'
-    )
-  loss, aux = out
-  _check_loss_output(loss, aux, reserved=_RESERVED)
-  return loss, aux
-
-
-def _check_model_and_optimizer(model: Any, optimizer: Any) -> None:
-  """Type checks, and that ``optimizer``'s state fits ``model``'s parameters (abstractly)."""
   if not isinstance(model, nnx.Module):
     raise TypeError(f'model: expected an nnx.Module, got {type(model).__name__}')
   if not isinstance(optimizer, nnx.Optimizer):
@@ -267,133 +172,31 @@ def _check_model_and_optimizer(model: Any, optimizer: Any) -> None:
     )
 
 
-def _snapshot(root: Any) -> tuple[list[Any], list[Any]]:
-  """The mutable containers of ``root``'s graph, and shallow copies of them.
+# The update, traced -------------------------------------------------------------
 
-  ``containers == copies`` (a C-level comparison, identity first) is False
-  once anything in the graph was added, removed, replaced or switched
-  (``model.out = nnx.Linear(...)``, ``model.eval()``, a list appended to).
-  Returns None if the graph holds a node this check cannot see into.
+
+def update(loss_fn: LossFn, model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch,
+           loss_scale: precision.DynamicLossScale | None) -> tuple[dict[str, jax.Array], Any]:
+  """One update of ``model`` and ``optimizer`` in place, as traced inside a jitted step.
+
+  Args:
+    loss_fn: ``loss_fn(model, batch) -> (loss, aux)``.
+    model, optimizer: the objects to update (inside the trace).
+    batch: one batch.
+    loss_scale: a :class:`flaxtrain.DynamicLossScale`, or None.
+
+  Returns:
+    ``(metrics, next loss_scale)``.
   """
-  containers = []
-  for _, node in nnx.graph.iter_graph(root):
-    if isinstance(node, nnx.Variable) or not nnx.graph.is_node(node):
-      continue
-    if type(node) in (dict, list):
-      containers.append(node)
-    elif nnx.graph.is_graph_node(node) and hasattr(node, '__dict__'):  # Modules, Optimizer, State
-      attributes = vars(node)
-      containers.append(attributes)
-      containers.extend(v for v in attributes.values() if type(v) in (dict, list))
-    elif nnx.graph.is_graph_node(node):
-      return None
-    # Other pytree nodes (tuples, NamedTuples, None, frozen dataclasses) are
-    # immutable; their children are visited on their own.
-  return containers, [_shallow_copy(c) for c in containers]
-
-
-class _AnyPytreeState:
-  """Equal to every ``PytreeState``: Flax's per-object bookkeeping, not structure.
-
-  NNX transforms (an ``nnx.jit`` eval step, ``nnx.update``) give each object a
-  new ``_pytree__state`` when they write back into it, although nothing in
-  the graph was added, removed or replaced.
-  """
-
-  def __eq__(self, other: Any) -> bool:
-    return isinstance(other, nnx.pytreelib.PytreeState)
-
-  __hash__ = None
-
-
-_ANY_PYTREE_STATE = _AnyPytreeState()
-
-
-def _shallow_copy(container: Any) -> Any:
-  copy = type(container)(container)
-  if type(copy) is dict and '_pytree__state' in copy:
-    copy['_pytree__state'] = _ANY_PYTREE_STATE
-  return copy
-
-
-class _Entry:
-  """What the steps know about one (model, optimizer) pair, shared by every step."""
-
-  __slots__ = ('model', 'optimizer', 'live', 'copies', 'loose', 'fast', 'variables', 'graphdef', 'treedef',
-               'fns', 'modes', 'slow', 'unshared')
-
-  def watch(self, live: list[Any], loose: list[Any]) -> None:
-    """Remembers the containers ``live`` and ``loose``, their copies from :func:`_snapshot`."""
-    self.live, self.loose = live, loose
-    self.copies = [type(c)(c) for c in live]  # exact copies: equal identity first, compared all in C
-
-  def current(self, model: Any, optimizer: Any) -> bool:
-    """Whether ``(model, optimizer)`` are this entry's, with the structure it saw (~0.6 µs)."""
-    try:
-      if self.model() is not model or self.optimizer() is not optimizer:
-        return False
-      if self.live == self.copies:
-        return True
-      if self.live == self.loose:  # only Flax's bookkeeping (_pytree__state) was replaced: re-copy
-        self.copies = [type(c)(c) for c in self.live]
-        return True
-      return False
-    except Exception:  # pylint: disable=broad-except  # e.g. an array attribute replaced: == is elementwise
-      return False
-
-
-# Module-level, so that a new step (each fit() call makes one) reuses what an
-# earlier one checked and compiled for the same loss_fn and structure.
-_ENTRIES: dict[tuple[int, int], _Entry] = {}
-_COMPILED: dict[Any, Callable[..., Any]] = {}
-_GENERAL: dict[Any, Callable[..., Any]] = {}
-
-
-class _StructureChanged(Exception):
-  """Raised at trace time when the step itself changed the graph (e.g. ``sow``)."""
-
-
-def _entry(model: Any, optimizer: Any, batch: Any) -> _Entry:
-  """The entry of (model, optimizer): found, or built after checking the arguments."""
-  entry = _ENTRIES.get((id(model), id(optimizer)))
-  if entry is not None and entry.current(model, optimizer) and batch is not _MISSING:
-    return entry
-  if batch is _MISSING:
-    given = 1 if optimizer is _MISSING else 2
-    missing = ('the optimizer and the batch are missing' if given == 1 else
-               'the optimizer is missing' if isinstance(optimizer, Mapping) else 'the batch is missing')
-    raise TypeError(f'train_step: expected train_step(model, optimizer, batch), got {given} '
-                    f'argument{"s" if given > 1 else ""}; {missing}')
-  _check_model_and_optimizer(model, optimizer)
-  entry = _Entry()
-  entry.model, entry.optimizer = weakref.ref(model), weakref.ref(optimizer)
-  snapshot = _snapshot((model, optimizer))
-  entry.graphdef, state = nnx.split((model, optimizer))
-  entry.variables = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  entry.treedef = jax.tree.structure(state)
-  entry.fns, entry.modes, entry.slow = {}, {}, set()
-  entry.unshared = [_UNSHARED] * len(entry.variables)  # the reference counts of arrays nothing else holds
-  entry.fast = snapshot is not None and bool(entry.variables) and all(
-      not v.ref and not v.hijax and isinstance(v.get_raw_value(), (jax.Array, np.ndarray))
-      for v in entry.variables)
-  entry.watch(*(snapshot if snapshot is not None else ([], [])))
-  if len(_ENTRIES) >= _CACHE_SIZE:
-    _ENTRIES.pop(next(iter(_ENTRIES)))
-  _ENTRIES[(id(model), id(optimizer))] = entry
-  return entry
-
-
-def _update(loss_fn: LossFn, model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch, loss_scale: Any):
-  """One update of ``model`` and ``optimizer`` in place (traced); returns (metrics, next loss scale)."""
   if loss_scale is None:
-    checked = functools.partial(_call_loss_fn, loss_fn)
+    checked = functools.partial(call_loss_fn, loss_fn, reserved=RESERVED)
     (loss, aux), grads = nnx.value_and_grad(checked, has_aux=True)(model, batch)
     grad_norm = optax.tree.norm(grads)
     optimizer.update(model, grads)
     extra = {}
   else:
     def scaled_loss_fn(model, batch):
-      loss, aux = _call_loss_fn(loss_fn, model, batch)
+      loss, aux = call_loss_fn(loss_fn, model, batch, reserved=RESERVED)
       return precision.scale_loss(loss, loss_scale), (loss, aux)
 
     keep = nnx.Not(nnx.RngState)  # Dropout's streams advance even on a skipped step
@@ -414,287 +217,249 @@ def _update(loss_fn: LossFn, model: nnx.Module, optimizer: nnx.Optimizer, batch:
   return {**metrics, **extra, **aux}, loss_scale
 
 
-def _general(loss_fn: LossFn) -> Callable[..., Any]:
-  """The plain ``nnx.jit`` step: correct for everything, slower per call."""
-  fn = _GENERAL.get(loss_fn)
-  if fn is None:
-    if len(_GENERAL) >= _COMPILED_SIZE:
-      _GENERAL.pop(next(iter(_GENERAL)))
-    fn = _GENERAL[loss_fn] = nnx.jit(functools.partial(_update, loss_fn))
-  return fn
+class StructureChanged(Exception):
+  """Raised while tracing when the step itself changed the object graph (e.g. ``Module.sow``)."""
 
 
-def _compiled(loss_fn: LossFn, entry: _Entry, kind: str, unroll: Any, packed: bool = False,
-              parallel: DataParallel | None = None) -> tuple[Callable[..., Any], list[str] | None]:
-  """The fast step over a flat list of arrays, one per loss_fn and structure, and its metric names.
+@dataclasses.dataclass(frozen=True, eq=False)
+class StepSpec:
+  """What a compiled step depends on besides the values of its arrays.
 
-  ``kind``: ``'one'`` (a step), ``'many'`` (a scan), ``'abstract'`` (not
-  jitted, for tracing). ``packed``:
-  the metrics come back as one float32 vector (names filled in at trace time).
-  ``parallel``: the same function, told where its inputs and outputs live
-  (``in_shardings``/``out_shardings``): the arrays at their placement on the
-  mesh, the batch split along the mesh's data axis, the metrics replicated.
+  It is the static argument of :func:`train_arrays`, so JAX compiles once
+  per spec. Two specs are equal when their structures, loss functions and
+  placements are, so a second model of the same structure reuses the code
+  compiled for the first. The hash is computed once, since hashing a
+  ``GraphDef`` costs tens of microseconds and JAX hashes static arguments on
+  every call.
+
+  Attributes:
+    graphdef: ``nnx.split((model, optimizer))[0]``.
+    treedef: the pytree structure of the split state.
+    loss_fn: the loss function.
+    shardings: with many devices, the placement of each array (a tuple), else None.
+    replicated: with many devices, the placement of the metrics, else None.
+    structure: what identifies ``graphdef`` for the cache, if not the
+      graphdef itself: for a model and its optimizer, the model's graphdef
+      and :func:`optimizer_key` (an optax transformation is a new closure
+      each time it is built, so two equal optimizers never compare equal).
   """
-  shardings = None
-  if parallel is not None and kind != 'abstract':
-    shardings = tuple(parallel.param_sharding(v) for v in map(_read_raw_values, entry.variables))
-  key = (loss_fn, entry.graphdef, entry.treedef, kind, unroll, packed, shardings)
-  found = _COMPILED.get(key)
-  if found is not None:
-    return found
-  graphdef, treedef = entry.graphdef, entry.treedef
-  names = [] if packed else None
+  graphdef: Any
+  treedef: Any
+  loss_fn: Any
+  shardings: tuple[Any, ...] | None = None
+  replicated: Any = None
+  structure: Any = None  # compared in place of graphdef when given (see optimizer_key)
 
-  def one(leaves, batch, loss_scale):
-    model, optimizer = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-    metrics, loss_scale = _update(loss_fn, model, optimizer, batch, loss_scale)
-    graphdef_after, state = nnx.split((model, optimizer))
-    if graphdef_after != graphdef:
-      raise _StructureChanged()
-    if packed:
-      names[:] = sorted(metrics)
-      metrics = _pack(metrics)
-    return jax.tree.leaves(state), metrics, loss_scale
+  def __post_init__(self):
+    structure = self.graphdef if self.structure is None else self.structure
+    key = (structure, self.treedef, self.loss_fn, self.shardings, self.replicated)
+    object.__setattr__(self, 'key', key)
+    object.__setattr__(self, 'key_hash', hash(key))
 
-  def many(leaves, batches, loss_scale):
-    def body(carry, batch):
-      leaves, metrics, loss_scale = one(carry[0], batch, carry[1])
-      return (leaves, loss_scale), metrics
-    (leaves, loss_scale), metrics = jax.lax.scan(body, (leaves, loss_scale), batches, unroll=unroll)
-    return leaves, metrics, loss_scale
+  def __hash__(self) -> int:
+    return self.key_hash
 
-  if kind == 'abstract':
-    fn = one
-  elif shardings is None:
-    fn = jax.jit(many if kind == 'many' else one, donate_argnums=(0,))
-  else:
-    batch = parallel.stacked_sharding if kind == 'many' else parallel.batch_sharding
-    fn = jax.jit(many if kind == 'many' else one, donate_argnums=(0,),
-                 in_shardings=(list(shardings), batch, parallel.replicated),
-                 out_shardings=(list(shardings), parallel.replicated, parallel.replicated))
-  if len(_COMPILED) >= _COMPILED_SIZE:
-    _COMPILED.pop(next(iter(_COMPILED)))  # the oldest
-  _COMPILED[key] = fn, names
-  return fn, names
+  def __eq__(self, other: Any) -> bool:
+    return self is other or (isinstance(other, StepSpec) and self.key_hash == other.key_hash
+                             and self.key == other.key)
+
+
+def step_arrays(spec: StepSpec, arrays: list[jax.Array], batch: Batch, loss_scale: Any):
+  """One update on flat arrays (traced): ``(new arrays, metrics, next loss_scale)``."""
+  model, optimizer = nnx.merge(spec.graphdef, jax.tree.unflatten(spec.treedef, arrays))
+  metrics, loss_scale = update(spec.loss_fn, model, optimizer, batch, loss_scale)
+  graphdef, state = nnx.split((model, optimizer))
+  if graphdef != spec.graphdef:
+    raise StructureChanged('the step changed the structure of the model or optimizer')
+  new = jax.tree.leaves(state)
+  if spec.shardings is not None:
+    new = [jax.lax.with_sharding_constraint(x, s) for x, s in zip(new, spec.shardings)]
+    metrics = jax.lax.with_sharding_constraint(metrics, spec.replicated)
+  return new, metrics, loss_scale
+
+
+class DeviceBatches(NamedTuple):
+  """An epoch's batches on the device: ``data`` rows gathered by ``order[position]`` inside the step.
+
+  ``fit`` passes this in place of a batch when its loader's data fits on the
+  device: the epoch's order goes over once, and no batch is sliced, stacked
+  or copied on the host. The step returns it with ``position`` advanced.
+
+  Attributes:
+    data: the loader's arrays, whole, on the device.
+    order: ``(batches, batch_size)`` example indices of each batch of the epoch.
+    position: the index of the next batch (an int32 scalar on the device).
+  """
+  data: dict[str, jax.Array]
+  order: jax.Array
+  position: jax.Array
+
+
+class MetricsBuffer(NamedTuple):
+  """Rows of packed step metrics kept on the device until ``fit`` logs them.
+
+  Attributes:
+    values: ``(capacity, len(names))`` float32, one row per step, the
+      metrics in sorted order of their names.
+    count: the rows written (an int32 scalar on the device).
+  """
+  values: jax.Array
+  count: jax.Array
 
 
 def _pack(metrics: Mapping[str, jax.Array]) -> jax.Array:
-  """The metrics as one float32 vector, in sorted order of their names."""
-  return jnp.stack([jnp.asarray(metrics[name], jnp.float32) for name in sorted(metrics)])
+  """The metrics as one float32 vector (or ``(K, n)`` rows), in sorted order of their names."""
+  return jnp.stack([jnp.asarray(metrics[name], jnp.float32) for name in sorted(metrics)], axis=-1)
 
 
-class _Packed:
-  """Metrics of one or more steps in one array (what ``fit`` asks for: one transfer per step).
+def train_arrays(arrays: list[jax.Array], batch: Batch | DeviceBatches, loss_scale: Any,
+                 buffer: MetricsBuffer | None = None, *, spec: StepSpec, steps: int | None = None,
+                 unroll: int | bool = 1):
+  """The train step over flat arrays: what :func:`compiled_step` compiles (once per ``spec``).
 
-  ``values[..., i]`` is metric ``names[i]``; shape ``(len(names),)`` for one
-  step, ``(K, len(names))`` for ``many``.
+  Args:
+    arrays: the leaves of ``nnx.split((model, optimizer))[1]``.
+    batch: one batch, or with ``steps=K`` the ``K`` batches stacked on a
+      leading axis (run in a ``jax.lax.scan``); or :class:`DeviceBatches`.
+    loss_scale: a :class:`flaxtrain.DynamicLossScale`, or None.
+    buffer: a :class:`MetricsBuffer` to append the packed metrics to
+      (donated), or None to return them.
+    spec: the :class:`StepSpec` (static: one compilation per spec).
+    steps: None for one step, else the number of stacked batches.
+    unroll: the scan's ``unroll``.
+
+  Returns:
+    ``(new arrays, metrics or the buffer, next loss_scale, next batch)``:
+    with ``steps`` each metric has shape ``(K,)``; the next batch is the
+    :class:`DeviceBatches` advanced past these steps, or None.
+  """
+  following = None
+  if isinstance(batch, DeviceBatches):
+    take = lambda rows: {key: jnp.take(value, rows, axis=0) for key, value in batch.data.items()}
+    if steps is None:
+      one = take(jax.lax.dynamic_index_in_dim(batch.order, batch.position, keepdims=False))
+    else:
+      one = jax.lax.dynamic_slice_in_dim(batch.order, batch.position, steps)
+    following = batch._replace(position=batch.position + (steps or 1))
+  else:
+    take, one = None, batch
+  if steps is None:
+    arrays, metrics, loss_scale = step_arrays(spec, arrays, one, loss_scale)
+  else:
+    def body(carry, xs):
+      new, metrics, scale = step_arrays(spec, carry[0], take(xs) if take else xs, carry[1])
+      return (new, scale), metrics
+
+    (arrays, loss_scale), metrics = jax.lax.scan(body, (arrays, loss_scale), one, unroll=unroll)
+  if buffer is not None:
+    rows = _pack(metrics).reshape(-1, len(metrics))
+    metrics = MetricsBuffer(jax.lax.dynamic_update_slice_in_dim(buffer.values, rows, buffer.count, 0),
+                            buffer.count + rows.shape[0])
+  return arrays, metrics, loss_scale, following
+
+
+_STATIC = ('spec', 'steps', 'unroll')
+_step_donating = jax.jit(train_arrays, static_argnames=_STATIC, donate_argnames=('arrays', 'buffer'))
+_step_keeping = jax.jit(train_arrays, static_argnames=_STATIC, donate_argnames=('buffer',))
+
+
+def compiled_step(donate: bool = True) -> Callable[..., Any]:
+  """:func:`train_arrays` under ``jax.jit``: donating its ``arrays`` (``fit``), or keeping them.
+
+  The same step either way; the two are compiled separately, since donation
+  is part of the compiled program.
+  """
+  return _step_donating if donate else _step_keeping
+
+
+def metric_names(state: 'TrainState', batch: Batch, loss_scale: Any) -> list[str]:
+  """The names of the step's metrics, in the order :class:`MetricsBuffer` packs them (traced once per spec)."""
+  out = _step_keeping.eval_shape(state.read(), batch, loss_scale, spec=state.spec)
+  return sorted(out[1])
+
+
+def optimizer_key(model: nnx.Module, optimizer: nnx.Optimizer) -> tuple[Any, ...]:
+  """What an optimizer computes, as a hashable value: equal for two optimizers that update alike.
+
+  ``optax.adam(1e-3)`` built twice gives two transformations whose functions
+  are different closures, so Flax's graph definitions of two such optimizers
+  differ, and a step keyed by them would compile again for every new
+  optimizer. This key is the text of the jaxprs of ``tx.init`` and
+  ``tx.update`` on the model's parameter shapes, with digests of their
+  constants, besides the optimizer's class and ``wrt``: two optimizers with
+  the same key run the same program.
+  """
+  tx = optimizer.tx
+  params = jax.eval_shape(lambda: nnx.state(model, optimizer.wrt))
+  init = jax.make_jaxpr(tx.init)(params)
+  state = jax.eval_shape(tx.init, params)
+  update = jax.make_jaxpr(tx.update)(params, state, params)
+
+  def digest(closed: Any) -> tuple[Any, ...]:
+    consts = tuple(hashlib.sha1(np.asarray(c).tobytes()).hexdigest() + str(np.shape(c)) for c in closed.consts)
+    return str(closed.jaxpr), consts
+
+  return type(optimizer), optimizer.wrt, digest(init), digest(update)
+
+
+def _is_variable(x: Any) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+class TrainState:
+  """``(model, optimizer)`` split once: their Variables, and the step's spec.
+
+  Reading and writing go through the Variables' public
+  ``get_raw_value``/``set_raw_value``. ``fit`` reads the arrays once, steps
+  on them as a value, and calls :meth:`write` where the objects must be
+  current.
+
+  Attributes:
+    spec: the :class:`StepSpec` of this structure.
+    variables: the distinct Variables of the split, in the order of the
+      compiled step's arrays.
   """
 
-  __slots__ = ('names', 'values')
-
-  def __init__(self, names: list[str], values: jax.Array):
-    self.names, self.values = names, values
-
-
-class TrainStep:
-  """The train step that :func:`make_train_step` returns; see there."""
-
-  def __init__(self, loss_fn: LossFn, loss_scale: Any, *, packed: bool = False,
+  def __init__(self, model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: LossFn,
                parallel: DataParallel | None = None):
-    self.loss_fn = loss_fn
-    self._loss_scale = loss_scale
-    self._packed = packed  # fit's steps return Packed metrics
-    self._parallel = parallel  # a DataParallel: batches split over its mesh, arrays placed on it
-    self._one_key = (loss_fn, 'one', None, packed, parallel)  # _function's key of the single step
+    self.model, self.optimizer = model, optimizer
+    graphdef, state = nnx.split((model, optimizer))
+    self.variables = jax.tree.leaves(state, is_leaf=_is_variable)
+    treedef = jax.tree.structure(state)
+    self.fast = treedef.num_leaves == len(self.variables) and all(
+        not v.ref and not v.hijax and isinstance(v.get_raw_value(), (jax.Array, np.ndarray))
+        for v in self.variables)
+    shardings = replicated = None
+    if parallel is not None and self.fast:
+      shardings = tuple(parallel.param_sharding(v.get_raw_value()) for v in self.variables)
+      replicated = parallel.replicated
+      parallel.place(model, optimizer)
+    structure = (nnx.graphdef(model), optimizer_key(model, optimizer))
+    self.spec = StepSpec(graphdef, treedef, loss_fn, shardings, replicated, structure)
+    # What jax.tree.flatten gives for these objects: checked before each call of TrainStep.
+    self.flat, self.flat_treedef = jax.tree.flatten((model, optimizer), is_leaf=_is_variable)
 
-  @property
-  def parallel(self) -> DataParallel | None:
-    """The :class:`flaxtrain.DataParallel` this step trains with, or None (one device)."""
-    return self._parallel
+  def read(self) -> list[Any]:
+    """The arrays the Variables hold now."""
+    return [v.get_raw_value() for v in self.variables]
 
-  @property
-  def loss_scale(self) -> Any:
-    """The current :class:`flaxtrain.precision.DynamicLossScale`, or None without loss scaling."""
-    return self._loss_scale
+  def write(self, arrays: Sequence[Any]) -> None:
+    """Puts ``arrays`` back into the Variables, in place."""
+    for variable, value in zip(self.variables, arrays):
+      variable.set_raw_value(value)
 
-  @loss_scale.setter
-  def loss_scale(self, value: Any) -> None:
-    if (self._loss_scale is None) != (value is None):
-      raise ValueError('loss_scale: a step made without loss scaling cannot start it later, nor the reverse; '
-                       'make a new step with make_train_step(loss_fn, loss_scale=...)')
-    if value is not None:
-      precision._check_loss_scale(value)
-    self._loss_scale = value
-
-  def _function(self, entry: _Entry, kind: str, unroll: Any = None) -> tuple[Callable[..., Any], Any]:
-    key = (self.loss_fn, kind, unroll, self._packed, self._parallel)
-    found = entry.fns.get(key)  # hashing a graphdef is slow: look up by entry first
-    if found is None:
-      if self._parallel is not None:  # first use of this pair with this placement: put it on the mesh
-        _write_raw_values(entry.variables,
-                          self._parallel._place_arrays(list(map(_read_raw_values, entry.variables))))
-      found = entry.fns[key] = _compiled(self.loss_fn, entry, kind, unroll, self._packed, self._parallel)
-    return found
-
-  def _apply(self, fn: Callable[..., Any], entry: _Entry, leaves: list[Any], batch: Any) -> Any:
-    """Calls a fast function and writes the new arrays back; (new arrays, metrics), or None if it cannot."""
-    try:
-      new, metrics, loss_scale = fn(leaves, batch, self._loss_scale)
-    except _StructureChanged:
-      entry.slow.add(self.loss_fn)
-      return None
-    if isinstance(new[0], jax.core.Tracer):
-      return None  # called inside an outer trace: the general path handles that
-    _write_raw_values(entry.variables, new)
-    self._loss_scale = loss_scale
-    return new, metrics
-
-  def _fast(self, entry: _Entry, kind: str, batch: Any, unroll: Any = None) -> Any:
-    """One fast call (a step, or a scan of steps); the metrics, or None if it cannot."""
-    fn, names = self._function(entry, kind, unroll)
-    out = self._apply(fn, entry, _donatable(entry), batch)
-    if out is None:
-      return None
-    return out[1] if names is None else _Packed(names, out[1])
-
-  def _fast_loop(self, entry: _Entry, batches: Batch, steps: int) -> Any:
-    """``steps`` calls of the compiled single step; None if it cannot.
-
-    Less Python per step than a single call: the checks (entry, structure,
-    donation) are done once, each step's new arrays go straight into the next
-    call, and they are written back into the Variables once, at the end (or
-    when a step raises, so the model keeps the last good arrays).
-    """
-    fn, names = self._function(entry, 'one')
-    singles = _unstack(batches, steps)
-    if self._parallel is not None:
-      singles = [self._parallel._for_jit(batch) for batch in singles]
-    leaves, rows, loss_scale = _donatable(entry), [], self._loss_scale
-    try:
-      for batch in singles:
-        new, metrics, loss_scale = fn(leaves, batch, loss_scale)
-        if not rows and isinstance(new[0], jax.core.Tracer):
-          return None  # called inside an outer trace: the general path handles that
-        leaves = new
-        rows.append(metrics)
-    except _StructureChanged:  # only a first call can raise it (tracing); nothing was applied then
-      entry.slow.add(self.loss_fn)
-      return None
-    finally:
-      if rows:
-        _write_raw_values(entry.variables, leaves)
-        self._loss_scale = loss_scale
-    return _stack_metrics(rows) if names is None else _Packed(names, _stack_metrics(rows))
-
-  def uses_fast_path(self, model: nnx.Module, optimizer: nnx.Optimizer) -> bool:
-    """Whether calls with this (model, optimizer) take the fast path (after at least one call)."""
-    entry = _ENTRIES.get((id(model), id(optimizer)))
-    return entry is not None and entry.current(model, optimizer) and entry.fast and self.loss_fn not in entry.slow
-
-  def __call__(self, model: nnx.Module, optimizer: nnx.Optimizer = _MISSING, batch: Batch = _MISSING,
-               ) -> dict[str, jax.Array]:
-    """One update of ``model`` and ``optimizer`` on ``batch``, in place; returns the metrics."""
-    # The hot path, inlined (each Python call and tuple built here costs ~1% of a tiny model's step):
-    # the entry and its structure check, the compiled step, the donation check, the write-back.
-    entry = _ENTRIES.get((id(model), id(optimizer)))
-    if entry is None or batch is _MISSING or not entry.current(model, optimizer):
-      entry = _entry(model, optimizer, batch)
-    if self._parallel is not None:  # checked; split over the devices by the compiled step's in_shardings
-      batch = self._parallel._for_jit(batch)
-    if entry.fast and self.loss_fn not in entry.slow:
-      found = entry.fns.get(self._one_key)
-      fn, names = found if found is not None else self._function(entry, 'one')
-      try:
-        new, metrics, loss_scale = fn(_donatable(entry), batch, self._loss_scale)
-      except _StructureChanged:
-        entry.slow.add(self.loss_fn)
-      else:
-        if not isinstance(new[0], jax.core.Tracer):  # a Tracer: called inside an outer trace
-          _write_raw_values(entry.variables, new)
-          self._loss_scale = loss_scale
-          return metrics if names is None else _Packed(names, metrics)
-    if self._parallel is not None:  # nnx.jit places nothing itself: give it the global arrays
-      batch = self._parallel.shard_batch(batch)
-    metrics, self._loss_scale = _general(self.loss_fn)(model, optimizer, batch, self._loss_scale)
-    return _Packed(sorted(metrics), _pack_jit(metrics)) if self._packed else metrics
-
-  def lower(self, model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch) -> Any:
-    """The step for these arguments, lowered (``jax.stages.Lowered``); nothing runs.
-
-    ``train_step.lower(model, optimizer, batch).compile().memory_analysis()``
-    shows what donation saves: ``alias_size_in_bytes`` is the state the
-    outputs write over instead of holding a second copy of.
-    """
-    entry = _entry(model, optimizer, batch)
-    if self._parallel is not None:
-      batch = self._parallel.shard_batch(batch)
-    if not entry.fast or self.loss_fn in entry.slow:
-      return _general(self.loss_fn).lower(model, optimizer, batch, self._loss_scale)
-    fn = self._function(entry, 'one')[0]  # with parallel, places the arrays first
-    return fn.lower(list(map(_read_raw_values, entry.variables)), batch, self._loss_scale)
-
-  def many(self, model: nnx.Module, optimizer: nnx.Optimizer, batches: Batch, *,
-           mode: Literal['auto', 'scan', 'unroll', 'loop'] = 'auto') -> dict[str, jax.Array]:
-    """``K`` updates in one dispatch; ``batches`` holds ``K`` batches stacked on a leading axis.
-
-    Gives what ``K`` calls of ``train_step(model, optimizer, batch)`` give,
-    batch by batch, and returns their metrics stacked: each of shape ``(K,)``.
-    See :func:`make_train_step` for ``mode`` and the rule ``'auto'`` follows.
-    """
-    steps = _check_stacked('batches', batches)
-    if mode not in _MANY_MODES:
-      raise ValueError(f'mode: expected one of {_MANY_MODES}, got {mode!r}')
-    if self._parallel is not None:
-      self._parallel.check_batch(batches, stacked=True, name='batches')
-    entry = _entry(model, optimizer, batches)
-    if mode == 'auto':
-      mode = self.many_mode(model, optimizer, batches)
-    if self._parallel is not None and mode != 'loop':  # 'loop' splits them on the host first
-      batches = self._parallel._for_jit(batches, stacked=True)
-    if entry.fast and self.loss_fn not in entry.slow:
-      if mode == 'loop':
-        metrics = self._fast_loop(entry, batches, steps)
-      else:
-        metrics = self._fast(entry, 'many', batches, unroll=True if mode == 'unroll' else 1)
-      if metrics is not None:
-        return metrics
-    rows = [self(model, optimizer, batch) for batch in _unstack(batches, steps)]
-    if self._packed:
-      return _Packed(rows[0].names, _stack_metrics([row.values for row in rows]))
-    return _stack_metrics(rows)
-
-  def many_mode(self, model: nnx.Module, optimizer: nnx.Optimizer, batches: Batch) -> str:
-    """The mode ``many(..., mode='auto')`` uses for these arguments: ``'scan'`` or ``'loop'``."""
-    _check_stacked('batches', batches)
-    entry = _entry(model, optimizer, batches)
-    key = (self.loss_fn, tuple((k, np.shape(v)[1:], str(v.dtype)) for k, v in sorted(batches.items())))
-    mode = entry.modes.get(key)
-    if mode is None:
-      mode = 'scan'
-      if jax.default_backend() == 'cpu':
-        one_batch = {k: jax.ShapeDtypeStruct(np.shape(v)[1:], v.dtype) for k, v in batches.items()}
-        leaves = list(map(_read_raw_values, entry.variables))  # traced only: nothing runs
-        step = _compiled(self.loss_fn, entry, 'abstract', None)[0]
-        if _uses_convolution(jax.make_jaxpr(step)(leaves, one_batch, self._loss_scale).jaxpr):
-          mode = 'loop'
-      entry.modes[key] = mode
-    return mode
+  def matches(self, model: Any, optimizer: Any) -> bool:
+    """Whether ``(model, optimizer)`` are these objects, with the structure and Variables split."""
+    if model is not self.model or optimizer is not self.optimizer:
+      return False
+    flat, treedef = jax.tree.flatten((model, optimizer), is_leaf=_is_variable)
+    return treedef == self.flat_treedef and all(map(operator.is_, flat, self.flat))
 
 
-_pack_jit = jax.jit(_pack)
-
-
-@jax.jit
-def _unstack_on_device(batches: Batch) -> list[dict[str, jax.Array]]:
-  steps = len(next(iter(batches.values())))
-  return [{key: value[i] for key, value in batches.items()} for i in range(steps)]
-
-
-def _unstack(batches: Batch, steps: int) -> list[dict[str, Any]]:
-  """The ``steps`` single batches of a stack: NumPy views on the host, or one split on the device."""
-  if all(isinstance(value, np.ndarray) for value in batches.values()):
-    return [{key: value[i] for key, value in batches.items()} for i in range(steps)]
-  return _unstack_on_device(dict(batches))
+@functools.partial(nnx.jit, static_argnums=(0,))
+def _general_step(loss_fn: LossFn, model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch, loss_scale: Any):
+  """``update`` under ``nnx.jit``: for objects the flat path cannot take (a step that ``sow``s, refs)."""
+  return update(loss_fn, model, optimizer, batch, loss_scale)
 
 
 @jax.jit
@@ -708,28 +473,46 @@ def _uses_convolution(jaxpr: Any) -> bool:
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == 'conv_general_dilated':
       return True
-    for sub in _subjaxprs(eqn.params):
-      if _uses_convolution(sub):
-        return True
+    for value in eqn.params.values():
+      for item in value if isinstance(value, (tuple, list)) else (value,):
+        sub = item if hasattr(item, 'eqns') else getattr(item, 'jaxpr', None)
+        if sub is not None and hasattr(sub, 'eqns') and _uses_convolution(sub):
+          return True
   return False
 
 
-def _subjaxprs(params: Mapping[str, Any]) -> Iterable[Any]:
-  for value in params.values():
-    for item in value if isinstance(value, (tuple, list)) else (value,):
-      if hasattr(item, 'eqns'):
-        yield item
-      elif hasattr(item, 'jaxpr') and hasattr(item.jaxpr, 'eqns'):
-        yield item.jaxpr
+def many_mode(spec: StepSpec, arrays: list[Any], batches: Batch, loss_scale: Any) -> str:
+  """``'scan'``, or ``'loop'`` on the CPU backend for a step holding a convolution (traced only)."""
+  if jax.default_backend() != 'cpu':
+    return 'scan'
+  one = {k: jax.ShapeDtypeStruct(np.shape(v)[1:], jnp.asarray(v).dtype if not hasattr(v, 'dtype') else v.dtype)
+         for k, v in batches.items()}
+  jaxpr = jax.make_jaxpr(functools.partial(step_arrays, spec))(arrays, one, loss_scale).jaxpr
+  return 'loop' if _uses_convolution(jaxpr) else 'scan'
 
 
-def _check_stacked(name: str, batches: Any) -> int:
-  """The number of stacked batches; raises unless every array shares one leading axis."""
+def check_stacked(name: str, batches: Any) -> int:
+  """The number ``K`` of stacked batches; raises unless every array is ``(K, batch, ...)``.
+
+  Args:
+    name: the argument's name for the message.
+    batches: a dict of arrays stacked by :func:`stack_batches`.
+
+  Returns:
+    ``K``.
+  """
   if not isinstance(batches, Mapping) or not batches:
     raise TypeError(f'{name}: expected a dict of arrays with a leading axis of K batches '
-                    f'(see stack_batches), got {_describe(batches)}')
-  sizes = {key: (np.shape(value)[0] if np.ndim(value) else None) for key, value in batches.items()}
-  if len(set(sizes.values())) != 1 or None in sizes.values() or 0 in sizes.values():
+                    f'(see stack_batches), got {describe(batches)}')
+  shapes = {key: tuple(np.shape(value)) for key, value in batches.items()}
+  flat = [key for key, shape in shapes.items() if len(shape) < 2]
+  if flat:
+    raise ValueError(
+        f'{name}: expected K batches stacked on a new leading axis, each array of shape (K, batch, ...), '
+        f'got {name}[{flat[0]!r}] of shape {shapes[flat[0]]}, which has no batch axis per step (a single '
+        'batch passed as K steps of one example?); stack whole batches with ft.stack_batches([b1, b2, ...])')
+  sizes = {key: shape[0] for key, shape in shapes.items()}
+  if len(set(sizes.values())) != 1 or 0 in sizes.values():
     raise ValueError(f'{name}: expected every array to have the same leading axis K >= 1 '
                      f'(the number of steps), got leading sizes {sizes}')
   return next(iter(sizes.values()))
@@ -754,20 +537,19 @@ def stack_batches(batches: Sequence[Batch]) -> dict[str, Any]:
     (2, 4, 2)
   """
   if isinstance(batches, Mapping) or not isinstance(batches, Sequence) or not batches:
-    raise TypeError(f'batches: expected a non-empty list of batch dicts, got {_describe(batches)}'
+    raise TypeError(f'batches: expected a non-empty list of batch dicts, got {describe(batches)}'
                     + (f' of length {len(batches)}' if isinstance(batches, Sequence) else ''))
   first = batches[0]
   if not isinstance(first, Mapping):
-    raise TypeError(f'batches[0]: expected a dict of arrays, got {_describe(first)}')
-  spec = {key: (np.shape(value), np.asarray(value).dtype if not isinstance(value, jax.Array) else value.dtype)
-          for key, value in first.items()}
+    raise TypeError(f'batches[0]: expected a dict of arrays, got {describe(first)}')
+  dtype_of = lambda value: value.dtype if hasattr(value, 'dtype') else np.asarray(value).dtype
+  spec = {key: (np.shape(value), dtype_of(value)) for key, value in first.items()}
   for index, batch in enumerate(batches):
     if not isinstance(batch, Mapping) or set(batch) != set(spec):
       raise ValueError(f'batches[{index}]: expected a dict with keys {sorted(spec)} like batches[0], got '
-                       + (f'keys {sorted(batch)}' if isinstance(batch, Mapping) else _describe(batch)))
+                       + (f'keys {sorted(batch)}' if isinstance(batch, Mapping) else describe(batch)))
     for key, (shape, dtype) in spec.items():
-      value = batch[key]
-      got = (np.shape(value), value.dtype if hasattr(value, 'dtype') else np.asarray(value).dtype)
+      got = (np.shape(batch[key]), dtype_of(batch[key]))
       if got != (shape, dtype):
         raise ValueError(f'batches[{index}][{key!r}]: expected shape {shape} and dtype {dtype} like '
                          f'batches[0], got shape {got[0]} and dtype {got[1]}')
@@ -775,14 +557,176 @@ def stack_batches(batches: Sequence[Batch]) -> dict[str, Any]:
   return {key: stack([batch[key] for batch in batches]) for key in spec}
 
 
-def _make_packed_train_step(loss_fn: LossFn, loss_scale: Any, parallel: Any = None) -> TrainStep:
-  """``make_train_step``'s step, returning :class:`_Packed` metrics (for ``fit``: one transfer a step)."""
-  step = make_train_step(loss_fn, loss_scale=loss_scale, parallel=parallel)  # checks the arguments
-  return TrainStep(step.loss_fn, step.loss_scale, packed=True, parallel=step.parallel)
+class TrainStep:
+  """The train step that :func:`make_train_step` returns; see there."""
+
+  def __init__(self, loss_fn: LossFn, loss_scale: Any, *, parallel: DataParallel | None = None,
+               donate: bool = False):
+    self.loss_fn = loss_fn
+    self._loss_scale = loss_scale
+    self._parallel = parallel
+    self.donate = donate
+    self._state: TrainState | None = None  # the last (model, optimizer) split
+    self._general = False  # that split cannot take the flat path: nnx.jit instead
+    self._modes: dict[Any, str] = {}  # many_mode's choice, by spec and batch shapes
+
+  @property
+  def parallel(self) -> DataParallel | None:
+    """The :class:`flaxtrain.DataParallel` this step trains with, or None (one device)."""
+    return self._parallel
+
+  @property
+  def loss_scale(self) -> Any:
+    """The current :class:`flaxtrain.DynamicLossScale`, or None without loss scaling."""
+    return self._loss_scale
+
+  @loss_scale.setter
+  def loss_scale(self, value: Any) -> None:
+    if (self._loss_scale is None) != (value is None):
+      raise ValueError('loss_scale: a step made without loss scaling cannot start it later, nor the reverse; '
+                       'make a new step with make_train_step(loss_fn, loss_scale=...)')
+    if value is not None:
+      precision.check_loss_scale(value)
+    self._loss_scale = value
+
+  def state(self, model: Any, optimizer: Any = _MISSING, batch: Any = _MISSING) -> TrainState:
+    """The :class:`TrainState` of ``(model, optimizer)``: the last one if it still matches, else a new split.
+
+    A new split checks the arguments first; the compiled code is reused when
+    the structure was seen before (by any step with this ``loss_fn``).
+    """
+    state = self._state
+    if state is not None and batch is not _MISSING and state.matches(model, optimizer):
+      return state
+    if batch is _MISSING:
+      given = 1 if optimizer is _MISSING else 2
+      missing = ('the optimizer and the batch are missing' if given == 1 else
+                 'the optimizer is missing' if isinstance(optimizer, Mapping) else 'the batch is missing')
+      raise TypeError(f'train_step: expected train_step(model, optimizer, batch), got {given} '
+                      f'argument{"s" if given > 1 else ""}; {missing}')
+    return self.split(model, optimizer)
+
+  def split(self, model: nnx.Module, optimizer: nnx.Optimizer) -> TrainState:
+    """``(model, optimizer)`` checked and split afresh: the state a loop can step on itself (``fit`` does).
+
+    With ``parallel``, the arrays are placed on its mesh first.
+    """
+    check_model_and_optimizer(model, optimizer)
+    self._state = state = TrainState(model, optimizer, self.loss_fn, self._parallel)
+    self._general = not state.fast
+    return state
+
+  def _batch(self, batch: Batch, stacked: bool = False) -> Batch:
+    if self._parallel is None:
+      return batch
+    return self._parallel.shard_batch(batch, stacked=stacked)
+
+  def _call(self, state: TrainState, batch: Batch, steps: int | None = None, unroll: Any = 1) -> Any:
+    """The compiled step on the state's arrays, written back; None where the flat path cannot run."""
+    try:
+      new, metrics, loss_scale, _ = compiled_step(self.donate)(
+          state.read(), batch, self._loss_scale, spec=state.spec, steps=steps, unroll=unroll)
+    except StructureChanged:  # raised while tracing: nothing ran, nothing was donated
+      self._general = True
+      return None
+    state.write(new)
+    self._loss_scale = loss_scale
+    return metrics
+
+  def _general_call(self, model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch) -> dict[str, jax.Array]:
+    metrics, self._loss_scale = _general_step(self.loss_fn, model, optimizer, batch, self._loss_scale)
+    return metrics
+
+  def uses_fast_path(self, model: nnx.Module, optimizer: nnx.Optimizer) -> bool:
+    """Whether calls with this (model, optimizer) take the flat compiled path (after at least one call)."""
+    state = self._state
+    return state is not None and not self._general and state.matches(model, optimizer)
+
+  def __call__(self, model: nnx.Module, optimizer: nnx.Optimizer = _MISSING, batch: Batch = _MISSING,
+               ) -> dict[str, jax.Array]:
+    """One update of ``model`` and ``optimizer`` on ``batch``, in place; returns the metrics."""
+    state = self.state(model, optimizer, batch)
+    batch = self._batch(batch)
+    if not self._general:
+      metrics = self._call(state, batch)
+      if metrics is not None:
+        return metrics
+    return self._general_call(model, optimizer, batch)
+
+  def lower(self, model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch) -> Any:
+    """The step for these arguments, lowered (``jax.stages.Lowered``); nothing runs.
+
+    ``train_step.lower(model, optimizer, batch).compile().memory_analysis()``
+    shows what donation saves: ``alias_size_in_bytes`` is the state the
+    outputs write over instead of holding a second copy of.
+    """
+    state = self.state(model, optimizer, batch)
+    batch = self._batch(batch)
+    if self._general:
+      return _general_step.lower(self.loss_fn, model, optimizer, batch, self._loss_scale)
+    return compiled_step(self.donate).lower(state.read(), batch, self._loss_scale, spec=state.spec)
+
+  def many(self, model: nnx.Module, optimizer: nnx.Optimizer, batches: Batch, *,
+           mode: Literal['auto', 'scan', 'unroll', 'loop'] = 'auto') -> dict[str, jax.Array]:
+    """``K`` updates in one dispatch; ``batches`` holds ``K`` batches stacked on a leading axis.
+
+    Gives what ``K`` calls of ``train_step(model, optimizer, batch)`` give,
+    batch by batch, and returns their metrics stacked: each of shape ``(K,)``.
+    See :func:`make_train_step` for ``mode`` and the rule ``'auto'`` follows.
+    """
+    steps = check_stacked('batches', batches)
+    if mode not in _MANY_MODES:
+      raise ValueError(f'mode: expected one of {_MANY_MODES}, got {mode!r}')
+    if self._parallel is not None:
+      self._parallel.check_batch(batches, stacked=True, name='batches')
+    state = self.state(model, optimizer, batches)
+    if mode == 'auto':
+      mode = self.many_mode(model, optimizer, batches)
+    if not self._general and mode != 'loop':
+      metrics = self._call(state, self._batch(batches, stacked=True), steps=steps,
+                           unroll=True if mode == 'unroll' else 1)
+      if metrics is not None:
+        return metrics
+    if not self._general:  # 'loop': the compiled single step K times, written back once
+      return self._loop(state, batches, steps)
+    singles = [{k: v[i] for k, v in batches.items()} for i in range(steps)]
+    return _stack_metrics([self(model, optimizer, batch) for batch in singles])
+
+  def _loop(self, state: TrainState, batches: Batch, steps: int) -> dict[str, jax.Array]:
+    """``steps`` calls of the compiled single step, carrying the arrays; written back once at the end."""
+    on_host = all(isinstance(v, np.ndarray) for v in batches.values())
+    singles = [{k: v[i] for k, v in batches.items()} for i in range(steps)] if on_host else \
+        _unstack_on_device(dict(batches))
+    arrays, rows, loss_scale = state.read(), [], self._loss_scale
+    step = compiled_step(self.donate)
+    try:
+      for batch in singles:
+        arrays, metrics, loss_scale, _ = step(arrays, self._batch(batch), loss_scale, spec=state.spec)
+        rows.append(metrics)
+    finally:  # a step that raised leaves the model at the last good arrays
+      if rows:
+        state.write(arrays)
+        self._loss_scale = loss_scale
+    return _stack_metrics(rows)
+
+  def many_mode(self, model: nnx.Module, optimizer: nnx.Optimizer, batches: Batch) -> str:
+    """The mode ``many(..., mode='auto')`` uses for these arguments: ``'scan'`` or ``'loop'``."""
+    check_stacked('batches', batches)
+    state = self.state(model, optimizer, batches)
+    key = (state.spec, tuple((k, np.shape(v)[1:], str(getattr(v, 'dtype', ''))) for k, v in sorted(batches.items())))
+    if key not in self._modes:
+      self._modes[key] = many_mode(state.spec, state.read(), batches, self._loss_scale)
+    return self._modes[key]
+
+
+@jax.jit
+def _unstack_on_device(batches: Batch) -> list[dict[str, jax.Array]]:
+  steps = len(next(iter(batches.values())))
+  return [{key: value[i] for key, value in batches.items()} for i in range(steps)]
 
 
 def make_train_step(loss_fn: LossFn = classification_loss, *, loss_scale: Any = None,
-                    parallel: DataParallel | bool | None = None) -> TrainStep:
+                    parallel: DataParallel | bool | None = None, donate: bool = False) -> TrainStep:
   """Returns ``train_step(model, optimizer, batch) -> metrics``, compiled.
 
   The step updates ``model`` and ``optimizer`` in place, so both are current
@@ -791,23 +735,27 @@ def make_train_step(loss_fn: LossFn = classification_loss, *, loss_scale: Any = 
   state holds one), the keys of ``aux`` and, with loss scaling,
   ``loss_scale`` and ``grads_finite``.
 
-  How it is fast: on the first call with a (model, optimizer) pair the step
-  collects their Variables and compiles one ``jax.jit`` function over the
-  flat list of their arrays; later calls pass the arrays in and write the new
-  ones back into the same Variables, with no walk over the module graph. A
-  cheap check on every call (shallow copies of the graph's containers,
-  compared by identity) notices when the structure changed (a replaced
-  submodule, ``model.eval()``, ``nnx.update`` with new Variables) and
-  collects again. Where this path cannot apply (Variables that are refs or
-  hijax, a step that changes the graph itself such as ``sow``, a call inside
-  another transform) the step falls back to ``nnx.jit`` by itself, with the
-  same results.
+  How it works: on the first call with a (model, optimizer) pair the step
+  splits them once (``nnx.split``) and runs :func:`train_arrays`, one
+  ``jax.jit`` function over the flat list of their arrays, compiled once per
+  structure and loss function (a second model of the same structure compiles
+  nothing). Each call checks with ``jax.tree.flatten`` that the objects still
+  have the structure and Variables it split (a replaced submodule,
+  ``model.eval()`` or a new optimizer is noticed and split afresh;
+  ``nnx.update`` puts new arrays into the same Variables, which the next call
+  reads), then writes the new arrays into the Variables with
+  ``Variable.set_raw_value``. Where this path cannot apply (Variables that
+  are refs or hijax, a step that changes the graph itself such as ``sow``)
+  the step falls back to ``nnx.jit`` by itself, with the same results.
 
-  Donation: the arrays the step replaces are donated to the computation, so
-  a step does not hold two copies of the parameters and optimizer state.
-  Arrays that something else still references (``w = model.out.kernel[...]``
-  kept from before the step) are never donated: that call copies them first
-  and donates the copies, so ``w`` stays valid (nothing is recompiled).
+  Donation: by default the step keeps the arrays it replaces, so anything
+  that shares them stays valid: ``w = model.out.kernel[...]`` taken before a
+  step, a model copied with ``nnx.clone`` (which shares the arrays, it does
+  not copy them). With ``donate=True`` the replaced arrays are donated to the
+  computation, so a step never holds two copies of the parameters and
+  optimizer state (what a large model needs), and every array shared with
+  them is deleted by the step: copy what you keep (``np.asarray(w)``).
+  ``fit`` always donates, to its own copy of the arrays.
 
   Many steps per dispatch: ``train_step.many(model, optimizer, batches)``
   runs ``K`` steps on batches stacked on a leading axis (see
@@ -824,152 +772,40 @@ def make_train_step(loss_fn: LossFn = classification_loss, *, loss_scale: Any = 
   data-parallel on a device mesh. On its first call with a (model,
   optimizer) pair it places their arrays on the mesh (replicated, or split
   with ``params='sharded'``); each call splits the batch over the devices
-  (one ``jax.device_put`` from the host; its batch size must be a multiple
-  of the device count) and runs the compiled step, told those placements,
-  on all devices at once. The loss and gradients are those of the whole
-  (global) batch: the results match one device's up to float rounding.
-  ``many`` splits each stacked batch the same way.
+  (its batch size must be a multiple of the device count) and runs the
+  compiled step, told those placements, on all devices at once. The loss and
+  gradients are those of the whole (global) batch: the results match one
+  device's up to float rounding. ``many`` splits each stacked batch the same way.
 
   Args:
     loss_fn: ``loss_fn(model, batch) -> (loss, aux)``: a scalar loss and a
       dict of scalar metrics; the model and the batch are arguments, never
       captured, so each call trains on the batch it is given.
-    loss_scale: a :class:`flaxtrain.precision.DynamicLossScale` to train with
-      dynamic loss scaling (float16): the step differentiates ``loss *
-      scale``, unscales the gradients in float32 and, if any is not finite,
-      leaves the parameters and the optimizer state unchanged (RNG streams
-      still advance) and lowers the scale. The current state is
+    loss_scale: a :class:`flaxtrain.DynamicLossScale` to train with dynamic
+      loss scaling (float16): the step differentiates ``loss * scale``,
+      unscales the gradients in float32 and, if any is not finite, leaves the
+      parameters and the optimizer state unchanged (RNG streams still
+      advance) and lowers the scale. The current state is
       ``train_step.loss_scale``. ``loss`` and ``grad_norm`` are unscaled.
     parallel: a :class:`flaxtrain.DataParallel` to train data-parallel on its
       devices, True for ``DataParallel()`` (all devices), or None (the
-      default: one device, as without it).
+      default: one device).
+    donate: donate the replaced arrays (see above); False by default.
 
   Returns:
-    The step, a callable ``TrainStep``. Besides ``many`` and ``many_mode``:
-    ``loss_scale`` (the current state), ``lower(model, optimizer, batch)``
-    (the compiled step's ``jax.stages.Lowered``, e.g. for
-    ``.compile().memory_analysis()``) and ``uses_fast_path(model,
-    optimizer)``.
+    The step, a callable :class:`TrainStep`. Besides ``many`` and
+    ``many_mode``: ``loss_scale`` (the current state), ``lower(model,
+    optimizer, batch)`` (the compiled step's ``jax.stages.Lowered``, e.g. for
+    ``.compile().memory_analysis()``) and ``uses_fast_path(model, optimizer)``.
 
   Example:
     >>> train_step = make_train_step()
     >>> metrics = train_step(model, optimizer, batch)                        # doctest: +SKIP
     >>> metrics = train_step.many(model, optimizer, stack_batches(batches))  # doctest: +SKIP
   """
-  _check_loss_fn(loss_fn)
+  check_loss_fn(loss_fn)
   if loss_scale is not None:
-    precision._check_loss_scale(loss_scale)
-  return TrainStep(loss_fn, loss_scale, parallel=as_parallel(parallel))
-
-
-def eval_view(model: nnx.Module) -> nnx.Module:
-  """A view of ``model`` in evaluation mode, sharing its arrays.
-
-  Dropout becomes the identity and BatchNorm uses its running averages. The
-  original ``model`` keeps its own mode, so a training loop need not switch it
-  back after validation.
-  """
-  return nnx.view(model, deterministic=True, use_running_average=True, raise_if_not_found=False)
-
-
-def make_eval_step(loss_fn: LossFn = classification_loss, *,
-                   parallel: DataParallel | bool | None = None) -> Callable[..., dict[str, jax.Array]]:
-  """Returns ``eval_step(model, batch) -> metrics``, jitted, in evaluation mode.
-
-  Args:
-    loss_fn: the same ``loss_fn(model, batch) -> (loss, aux)`` as training.
-    parallel: a :class:`flaxtrain.DataParallel` (or True for all devices):
-      each batch is split over its devices (its size must be a multiple of
-      the device count, padded batches included); None: one device.
-
-  Returns:
-    A function that leaves ``model`` unchanged and returns ``loss``, the keys
-    of ``aux`` and ``count`` (the sum of ``batch['mask']``, or the batch size).
-  """
-  _check_loss_fn(loss_fn)
-  parallel = as_parallel(parallel)
-
-  @nnx.jit
-  def eval_step(model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
-    loss, aux = loss_fn(eval_view(model), batch)
-    _check_loss_output(loss, aux, reserved=('loss', 'count'))
-    if 'mask' in batch:
-      count = jnp.sum(batch['mask']).astype(jnp.float32)
-    else:
-      count = jnp.float32(len(jax.tree.leaves(batch)[0]))
-    return {'loss': loss, **aux, 'count': count}
-
-  return eval_step if parallel is None else _split_batches(eval_step, parallel)
-
-
-def _split_batches(eval_step: Callable[..., Any], parallel: DataParallel) -> Callable[..., Any]:
-  """``eval_step`` on batches split over ``parallel``'s devices (also fit's cached eval step)."""
-  def parallel_eval_step(model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
-    return eval_step(model, parallel.shard_batch(batch))
-
-  parallel_eval_step.parallel = parallel
-  return parallel_eval_step
-
-
-def evaluate(
-    eval_step: Callable[..., Mapping[str, jax.Array]],
-    model: nnx.Module,
-    batches: Iterable[Batch],
-    *,
-    parallel: DataParallel | bool | None = None,
-) -> dict[str, float]:
-  """Runs ``eval_step`` over ``batches`` and averages, weighting by ``count``.
-
-  The per-batch metrics stay on the device until the end, then come back in
-  one transfer.
-
-  Args:
-    eval_step: from :func:`make_eval_step`.
-    model: the model to evaluate.
-    batches: an iterable of batches (padded batches carry a ``mask``).
-    parallel: a :class:`flaxtrain.DataParallel` (or True for all devices) to
-      split each batch over; None leaves the batches as they are (an
-      ``eval_step`` made with ``parallel=`` splits them itself).
-
-  Returns:
-    ``{name: mean}`` as Python floats, plus ``count``, the examples seen.
-    ``accuracy`` is exact: each batch's accuracy times its count is rounded
-    to the whole number of correct predictions it stands for, and the sum of
-    those integers is divided by the number of examples, so two evaluations
-    with the same number of correct predictions give the same float (357
-    correct out of 360 is ``357 / 360`` whatever the batching).
-
-  Raises:
-    ValueError: if ``batches`` is empty.
-  """
-  parallel = as_parallel(parallel)
-  if parallel is not None:
-    batches = map(parallel.shard_batch, batches)
-  results = [eval_step(model, batch) for batch in batches]
-  if not results:
-    raise ValueError('batches: expected at least one batch, got an empty iterable')
-  results = jax.device_get(results)
-  counts = np.array([r['count'] for r in results], dtype=np.float64)
-  total = counts.sum()
-  summary = {
-      name: float(np.dot(counts, [r[name] for r in results]) / max(total, 1.0))
-      for name in results[0] if name not in ('count', 'accuracy')
-  }
-  if 'accuracy' in results[0]:
-    summary['accuracy'] = _exact_accuracy(counts, np.array([r['accuracy'] for r in results], np.float64))
-  summary['count'] = float(total)
-  return summary
-
-
-def _exact_accuracy(counts: np.ndarray, accuracies: np.ndarray) -> float:
-  """Correct predictions over examples, from per-batch float32 accuracies and counts.
-
-  Falls back to the count-weighted mean when the numbers are not counts
-  (fractional mask weights, or an ``accuracy`` that is not a fraction of
-  examples).
-  """
-  correct = counts * accuracies  # a whole number up to float32 rounding (relative 6e-8)
-  whole = np.rint(correct)
-  if np.all(counts == np.rint(counts)) and np.all(np.abs(correct - whole) <= 1e-6 * np.maximum(counts, 1)):
-    return int(whole.sum()) / max(int(counts.sum()), 1)
-  return float(correct.sum() / max(counts.sum(), 1.0))
+    precision.check_loss_scale(loss_scale)
+  if not isinstance(donate, (bool, np.bool_)):
+    raise TypeError(f'donate: expected True or False, got {donate!r}')
+  return TrainStep(loss_fn, loss_scale, parallel=as_parallel(parallel), donate=bool(donate))

@@ -88,8 +88,15 @@ def error_of(fn):
   return None
 
 
-def _specs(arrays):
-  return [[list(x.shape), str(x.sharding.spec), bool(x.sharding.is_fully_replicated),
+def _spec(x, pad):
+  """The PartitionSpec, with one entry per axis if ``pad``: P('data',) and P('data', None) are one layout."""
+  from jax.sharding import PartitionSpec
+  spec = tuple(x.sharding.spec)
+  return str(PartitionSpec(*spec, *[None] * (x.ndim - len(spec)))) if spec and pad else str(x.sharding.spec)
+
+
+def _specs(arrays, pad=True):
+  return [[list(x.shape), _spec(x, pad), bool(x.sharding.is_fully_replicated),
            list(x.addressable_shards[0].data.shape), len(x.sharding.device_set)] for x in arrays]
 
 
@@ -107,7 +114,7 @@ def checks(devices, load_dir, save_dir):
   out['replicated']['fast_path'] = step.uses_fast_path(model, optimizer)
   out['replicated']['state_specs'] = _specs(jax.tree.leaves(nnx.state((model, optimizer))))
   sharded_batch = dp.shard_batch(batches(1)[0])
-  out['batch_specs'] = {k: _specs([v])[0] for k, v in sharded_batch.items()}
+  out['batch_specs'] = {k: _specs([v], pad=False)[0] for k, v in sharded_batch.items()}
   fsdp = ft.DataParallel(params='sharded', min_shard_size=0)
   out['sharded'], (model, optimizer, _) = train_run(fsdp)
   out['sharded']['param_specs'] = _specs(jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -43,3 +43,36 @@ def test_non_count_accuracy_falls_back_to_the_weighted_mean():
   rows = [{'accuracy': 0.3, 'count': 2.5}, {'accuracy': 0.6, 'count': 1.5}]
   summary = ft.evaluate(_fixed_step(rows), None, [None, None])
   np.testing.assert_allclose(summary['accuracy'], (0.3 * 2.5 + 0.6 * 1.5) / 4, rtol=1e-6)
+
+
+def _digits_model():
+  from flax import nnx
+  return ft.MLP(64, (16,), 10, rngs=nnx.Rngs(0))
+
+
+def _data(n=40):
+  rng = np.random.default_rng(0)
+  return {'image': rng.normal(size=(n, 64)).astype(np.float32), 'label': rng.integers(0, 10, n).astype(np.int32)}
+
+
+def test_evaluate_refuses_a_train_step():
+  with pytest.raises(TypeError, match=r'eval_step: expected an eval step from ft.make_eval_step.*got a train step'):
+    ft.evaluate(ft.make_train_step(), _digits_model(), [_data()])
+
+
+def test_evaluate_refuses_a_loader_that_drops_examples():
+  loader = ft.DataLoader(_data(40), 16, shuffle=False)  # remainder='drop': 32 of 40
+  with pytest.raises(ValueError, match=r"batches: remainder='drop' evaluates only 32 of its 40 examples"):
+    ft.evaluate(ft.make_eval_step(), _digits_model(), loader)
+
+
+def test_evaluate_refuses_a_loss_that_ignores_the_mask():
+  def loss_ignoring_mask(model, batch):
+    logits = model(batch['image'])
+    return ft.softmax_cross_entropy_with_integer_labels(logits, batch['label']), {}
+
+  loader = ft.DataLoader(_data(40), 16, shuffle=False, remainder='pad')
+  with pytest.raises(ValueError, match=r"loss_fn: ignores batch\['mask'\]: on a padded batches batch \(8 padding rows\)"):
+    ft.evaluate(ft.make_eval_step(loss_ignoring_mask), _digits_model(), loader)
+  summary = ft.evaluate(ft.make_eval_step(), _digits_model(), loader)  # the default loss honours it
+  assert summary['count'] == 40

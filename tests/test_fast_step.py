@@ -85,22 +85,6 @@ def test_step_matches_the_nnx_jit_step_bit_for_bit(kind):
     assert model.b.kernel is model.a.kernel and model.same_head is model.head
 
 
-@pytest.mark.parametrize('slot', ['slot', 'public fallback'])
-def test_raw_value_write_matches_set_value(slot, monkeypatch):
-  if slot != 'slot':
-    monkeypatch.setattr(steps_module, '_RAW_SLOT', None)
-  variables = [nnx.Param(jnp.zeros(3)), nnx.BatchStat(jnp.ones(2)), nnx.Param(jnp.zeros(()))]
-  public = [nnx.Param(jnp.zeros(3)), nnx.BatchStat(jnp.ones(2)), nnx.Param(jnp.zeros(()))]
-  values = [jnp.arange(3.0), jnp.full(2, 7.0), jnp.float32(5.0)]
-  steps_module._write_raw_values(variables, values)
-  for variable, other, value in zip(variables, public, values):
-    other.set_value(value)
-    assert variable.get_value() is value
-    assert steps_module._read_raw_values(variable) is variable.get_raw_value()
-    np.testing.assert_array_equal(variable.get_value(), other.get_value())
-    np.testing.assert_array_equal(variable[...], other[...])
-
-
 def test_model_and_optimizer_are_current_after_every_call():
   model, optimizer = make_pair('mlp')
   step = ft.make_train_step()
@@ -136,7 +120,7 @@ def test_switching_modes_and_nnx_update_between_calls_are_seen():
   model.eval()  # Dropout off: the step must retrace, not reuse the training-mode graph
   ref_model, ref_optimizer = nnx.clone(model), nnx.clone(optimizer)
   first = step(model, optimizer, batch)
-  ref = nnx.jit(lambda m, o, b: steps_module._update(step.loss_fn, m, o, b, None)[0])(ref_model, ref_optimizer, batch)
+  ref = nnx.jit(lambda m, o, b: steps_module.update(step.loss_fn, m, o, b, None)[0])(ref_model, ref_optimizer, batch)
   assert float(first['loss']) == float(ref['loss'])
   # nnx.update puts new arrays into the same Variables: the next step starts from them.
   zeros = jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param))
@@ -154,7 +138,7 @@ def test_a_step_that_changes_the_graph_falls_back_and_stays_correct():
   model, optimizer = make_pair('mlp')
   ref_model, ref_optimizer = make_pair('mlp')
   step = ft.make_train_step(sowing_loss)
-  general = nnx.jit(lambda m, o, b: steps_module._update(sowing_loss, m, o, b, None)[0])
+  general = nnx.jit(lambda m, o, b: steps_module.update(sowing_loss, m, o, b, None)[0])
   for seed in range(2):
     step(model, optimizer, make_batch(seed))
     general(ref_model, ref_optimizer, make_batch(seed))
@@ -175,7 +159,7 @@ def test_a_call_inside_another_transform_uses_the_general_path():
              for x in jax.tree.leaves(nnx.state(model)))
 
 
-def test_donation_reuses_buffers_but_never_an_array_the_user_holds():
+def test_the_default_step_never_deletes_an_array_the_user_holds_or_a_clone_shares():
   traces = []
 
   def loss_fn(model, batch):
@@ -185,23 +169,34 @@ def test_donation_reuses_buffers_but_never_an_array_the_user_holds():
   model, optimizer = make_pair('mlp')
   step = ft.make_train_step(loss_fn)
   step(model, optimizer, make_batch(0))
-  # Nobody else holds the arrays: the new kernel is written into the old buffer.
-  pointer = model.out.kernel.get_value().unsafe_buffer_pointer()
-  step(model, optimizer, make_batch(1))
-  assert model.out.kernel.get_value().unsafe_buffer_pointer() == pointer
-  # A user's reference to the current array keeps it valid and unchanged.
   held = model.out.kernel.get_value()
   held_copy = np.array(held)
-  step(model, optimizer, make_batch(2))
+  twin = nnx.clone(model)  # shares the arrays, does not copy them
+  step(model, optimizer, make_batch(1))
   assert not held.is_deleted()
   np.testing.assert_array_equal(held, held_copy)
+  np.testing.assert_array_equal(twin.out.kernel[...], held_copy)
   assert model.out.kernel.get_value().unsafe_buffer_pointer() != held.unsafe_buffer_pointer()
   assert len(traces) == 1, 'holding a reference must not recompile the step'
 
 
+def test_donation_reuses_buffers_and_deletes_what_shared_them():
+  model, optimizer = make_pair('mlp')
+  step = ft.make_train_step(donate=True)
+  step(model, optimizer, make_batch(0))
+  # The new kernel is written into the old buffer.
+  pointer = model.out.kernel.get_value().unsafe_buffer_pointer()
+  held = model.out.kernel.get_value()
+  step(model, optimizer, make_batch(1))
+  assert model.out.kernel.get_value().unsafe_buffer_pointer() == pointer
+  assert held.is_deleted(), 'a donated array is deleted: that is what the docstring warns about'
+  with pytest.raises(TypeError, match='donate: expected True or False'):
+    ft.make_train_step(donate='yes')
+
+
 def test_memory_analysis_shows_the_state_is_aliased_not_copied():
   model, optimizer = make_pair('mlp')
-  step = ft.make_train_step()
+  step = ft.make_train_step(donate=True)
   batch = make_batch(0)
   stats = step.lower(model, optimizer, batch).compile().memory_analysis()
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state((model, optimizer))))
@@ -366,17 +361,18 @@ def test_many_in_loop_mode_keeps_a_held_array_and_writes_every_step_back():
   assert_same_state((model, optimizer), (ref_model, ref_optimizer))
 
 
-def test_an_nnx_jit_eval_step_between_calls_keeps_the_collected_variables():
-  """nnx.jit renews each object's _pytree__state; that is bookkeeping, not structure."""
+def test_an_nnx_jit_eval_step_between_calls_keeps_the_split():
+  """nnx.jit renews Flax's bookkeeping in each object; that is not a change of structure."""
   model, optimizer = make_pair('mlp')
   ref_model, ref_optimizer = make_pair('mlp')
-  step, eval_step = ft.make_train_step(), ft.make_eval_step()
+  step = ft.make_train_step()
+  general_eval = nnx.jit(lambda m, b: ft.classification_loss(m, b)[0])
   step(model, optimizer, make_batch(0))
-  collected = steps_module._ENTRIES[(id(model), id(optimizer))]
-  eval_step(model, make_batch(1))
+  split = step.state(model, optimizer, make_batch(1))
+  general_eval(model, make_batch(1))
   step(model, optimizer, make_batch(2))
-  assert steps_module._ENTRIES[(id(model), id(optimizer))] is collected
-  assert collected.current(model, optimizer)
+  assert step.state(model, optimizer, make_batch(1)) is split
+  assert step.uses_fast_path(model, optimizer)
   for seed in (0, 2):
     reference_step(ref_model, ref_optimizer, make_batch(seed))
   assert_same_state((model, optimizer), (ref_model, ref_optimizer))

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import flaxtrain as ft
-from flaxtrain.loop import _stack_size
+from flaxtrain.loop import stack_size
 from _trees import as_numpy, assert_trees_equal
 
 STEPS_PER_EPOCH = 10
@@ -44,7 +44,7 @@ def run(digits, epochs=2, **kwargs):
     (4, 16, 20, 4),     # the stack ends exactly at the checkpoint at step 20
 ])
 def test_stacks_start_aligned_and_never_cross_an_epoch_end_or_a_checkpoint(index, step, every, expected):
-  assert _stack_size(index, step, STEPS_PER_EPOCH, 4, every) == expected
+  assert stack_size(index, step, STEPS_PER_EPOCH, 4, every) == expected
 
 
 def test_many_steps_per_dispatch_trains_as_single_steps(digits):
@@ -120,17 +120,24 @@ def test_a_non_finite_loss_under_loss_scaling_still_raises(digits):
            best_metric=None, loss_scale=ft.dynamic_loss_scale())
 
 
-def test_fit_brings_pending_metrics_over_in_order_and_checks_every_array():
-  from flaxtrain.loop import _fetch  # log()'s one transfer: grouped by shape, padded to a power of two
-  singles = [jnp.array([i, i + 0.5], jnp.float32) for i in range(5)]  # 5 -> padded to 8
-  stacks = [jnp.full((3, 2), 10.0 + i, jnp.float32) for i in range(2)]  # train_step.many's (K, names)
-  values = [singles[0], stacks[0], singles[1], singles[2], stacks[1], singles[3], singles[4]]
-  params = [jnp.ones((2, 3)), jnp.zeros(4)]
-  fetched, finite_values, finite_params = _fetch(values, params)
-  assert len(fetched) == len(values)
-  for got, want in zip(fetched, values):
-    np.testing.assert_array_equal(got, np.asarray(want))
-  assert finite_values and finite_params
-  with_nan = values[:3] + [jnp.array([0.0, jnp.nan])] + values[4:]
-  assert _fetch(with_nan, params)[1:] == (False, True)
-  assert _fetch(values, params + [jnp.array([1.0, jnp.inf])])[1:] == (True, False)
+def test_the_step_appends_metrics_to_the_buffer_in_order_for_single_and_stacked_steps():
+  """fit's metrics stay on the device in one buffer: rows in step order, whatever the dispatch sizes."""
+  from flaxtrain.steps import MetricsBuffer, compiled_step, metric_names
+  model, optimizer = make_pair()
+  step = ft.make_train_step()
+  loader = ft.DataLoader(ft.load_digits(seed=0).train, 16, seed=1)
+  batches = [b for _, b in zip(range(7), loader.epoch(0))]
+  reference = nnx.clone((model, optimizer))
+  singles = [float(step(*reference, batch)['loss']) for batch in batches]
+  state = step.split(model, optimizer)
+  names = metric_names(state, batches[0], None)
+  buffer = MetricsBuffer(np.zeros((8, len(names)), np.float32), np.int32(0))
+  arrays = [jnp.copy(x) for x in state.read()]
+  for steps, batch in [(1, batches[0]), (3, ft.stack_batches(batches[1:4])), (1, batches[4]),
+                       (2, ft.stack_batches(batches[5:7]))]:
+    arrays, buffer, _, _ = compiled_step(True)(arrays, batch, None, buffer, spec=state.spec,
+                                               steps=None if steps == 1 else steps)
+  assert int(buffer.count) == 7
+  losses = np.asarray(buffer.values)[:7, names.index('loss')]
+  np.testing.assert_allclose(losses, singles, rtol=1e-6)
+  assert len(set(losses.tolist())) == 7

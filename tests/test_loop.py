@@ -4,9 +4,11 @@ A tiny MLP with Dropout (so the RNG state matters) on a slice of digits: 128
 training images in batches of 32 (4 steps per epoch) and 64 validation images.
 """
 
+import os
 import pathlib
 import re
 import shutil
+import signal
 import types
 
 import jax
@@ -348,7 +350,7 @@ def test_a_finished_run_resumes_to_nothing_and_returns_its_history(digits, refer
     ({'train_loader': [{'image': 0}]}, TypeError, 'train_loader: expected a flaxtrain.DataLoader'),
     ({'optimizer': optax.adam(1e-3)}, TypeError, 'optimizer: expected an nnx.Optimizer'),
     ({'best_metric': 'val_f1'}, ValueError, r"best_metric: expected one of the epoch metrics \[.*'val_accuracy'"),
-    ({'val_loader': None}, ValueError, 'best_metric: .*pass a val_loader'),
+    ({'val_loader': None, 'best_metric': 'val_accuracy'}, ValueError, 'best_metric: .*pass a val_loader'),
     ({'keep': 0}, ValueError, 'keep: expected a positive int, got 0'),
     ({'accept_new_hyperparams': 'yes'}, TypeError, "accept_new_hyperparams: expected True or False, got 'yes'"),
     ({'resume': None}, TypeError, 'resume: expected True or False, got None'),
@@ -546,7 +548,7 @@ def with_label(data, index, label):
     ('val_drops_examples', ValueError, r"val_loader: remainder='drop' evaluates only 32 of its 40 examples"),
     ('loss_ignores_mask', ValueError, r"loss_fn: ignores batch\['mask'\]: on a padded val_loader batch \(24 padding rows\)"),
     ('val_batches_do_not_fit', ValueError, r'val_loader: a batch .*\(32, 4, 4, 1\).* does not fit model and loss_fn'),
-    ('bare_scalar_loss', TypeError, r'loss_fn: expected loss_fn\(model, batch\) -> \(loss, aux\)'),
+    ('bare_scalar_loss', TypeError, r'loss_fn: expected loss_fn\(model, batch\) to return a pair \(loss, aux\)'),
     ('per_example_loss', ValueError, r'loss_fn: expected a scalar loss .*got shape \(32,\)'),
 ])
 def test_bad_data_is_named_before_any_training(digits, case, error, message):
@@ -630,3 +632,116 @@ def test_a_model_changed_between_fit_calls_is_checked_afresh(digits):
   optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
   with pytest.raises(ValueError, match='train_loader: a batch .* does not fit model and loss_fn'):
     ft.fit(model, optimizer, train_loader(digits), epochs=1, progress=False)
+
+
+# One public core: compiled once per structure, checkpoints without validation, Ctrl-C taken safely ------------
+
+
+def test_a_new_model_of_a_structure_already_trained_compiles_nothing(digits):
+  """fit's step, eval step and checks are compiled per structure: fresh objects reuse them."""
+  model, optimizer = make_pair(seed=0)
+  fit(model, optimizer, train_loader(digits), digits, epochs=1)
+  fresh, fresh_optimizer = make_pair(seed=1)
+  with ft.debug.count_compilations() as compiled:
+    fit(fresh, fresh_optimizer, train_loader(digits), digits, epochs=1)
+    fit(fresh, fresh_optimizer, train_loader(digits), digits, epochs=1)  # the same objects again
+  assert compiled.names == [], f'compiled again: {compiled.names}'
+  with ft.debug.count_compilations() as compiled:  # a new structure does compile: the counter can fail
+    other, other_optimizer = make_pair(seed=1, hidden=(16,))
+    fit(other, other_optimizer, train_loader(digits), digits, epochs=1)
+  assert 'jit(train_arrays)' in compiled.names
+
+
+def test_fit_leaves_arrays_shared_before_it_valid(digits):
+  """fit donates its own copy: a clone and a kept array of the model stay usable."""
+  model, optimizer = make_pair()
+  kept = model.out.kernel[...]
+  twin = nnx.clone(model)
+  fit(model, optimizer, train_loader(digits), digits, epochs=1)
+  assert not kept.is_deleted()
+  np.testing.assert_array_equal(twin.out.kernel[...], kept)
+  assert not np.array_equal(model.out.kernel[...], kept)
+
+
+def test_a_run_without_validation_checkpoints_its_latest_state_by_default(digits, tmp_path):
+  model, optimizer = make_pair()
+  history = fit(model, optimizer, train_loader(digits), digits, epochs=2, val_loader=None, checkpoint_dir=tmp_path)
+  assert ft.Checkpoints(tmp_path).step('latest') == 2 * STEPS_PER_EPOCH
+  assert ft.Checkpoints(tmp_path).step('best') is None
+  assert 'val_loss' not in history.epochs()
+
+
+def test_an_empty_checkpoint_dir_is_refused_instead_of_writing_into_the_current_directory(digits):
+  model, optimizer = make_pair()
+  with pytest.raises(ValueError, match=r"checkpoint_dir: expected a directory path or None, got an empty path"):
+    fit(model, optimizer, train_loader(digits), digits, checkpoint_dir='')
+
+
+@pytest.mark.parametrize('change, message', [
+    (lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.inject_hyperparams(optax.adamw)(
+        learning_rate=optax.warmup_cosine_decay_schedule(0.0, 1e-2, 4, EPOCHS * STEPS_PER_EPOCH))),
+     'its learning-rate schedule, clipping or weight decay changed'),  # another peak rate
+    (lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.inject_hyperparams(optax.adamw)(
+        learning_rate=optax.warmup_cosine_decay_schedule(0.0, 3e-3, 4, 10 * EPOCHS * STEPS_PER_EPOCH))),
+     'its learning-rate schedule, clipping or weight decay changed'),  # a longer decay
+    (lambda: optax.chain(optax.clip_by_global_norm(0.1), optax.inject_hyperparams(optax.adamw)(
+        learning_rate=SCHEDULE)), 'its learning-rate schedule, clipping or weight decay changed'),
+])
+def test_a_changed_schedule_or_clipping_on_resume_is_an_error_unless_accepted(digits, tmp_path, change, message):
+  model, optimizer = make_pair()
+  fit(model, optimizer, train_loader(digits), digits, epochs=1, checkpoint_dir=tmp_path)
+  model, optimizer = make_pair(tx=change())
+  with pytest.raises(ValueError, match=f'optimizer: differs from that of the run saved at .*{message}'):
+    fit(model, optimizer, train_loader(digits), digits, epochs=2, checkpoint_dir=tmp_path)
+  history = fit(model, optimizer, train_loader(digits), digits, epochs=2, checkpoint_dir=tmp_path,
+                accept_new_hyperparams=True)
+  assert len(history.epochs()['epoch']) == 2
+
+
+def test_the_same_optimizer_built_again_resumes_without_complaint(digits, tmp_path):
+  model, optimizer = make_pair()
+  fit(model, optimizer, train_loader(digits), digits, epochs=1, checkpoint_dir=tmp_path)
+  model, optimizer = make_pair(seed=4)
+  history = fit(model, optimizer, train_loader(digits), digits, epochs=2, checkpoint_dir=tmp_path)
+  assert len(history.epochs()['epoch']) == 2
+
+
+def test_a_run_saved_with_loss_scaling_does_not_resume_silently_without_it(digits, tmp_path):
+  model, optimizer = make_pair()
+  fit(model, optimizer, train_loader(digits), digits, epochs=1, checkpoint_dir=tmp_path,
+      loss_scale=ft.dynamic_loss_scale())
+  model, optimizer = make_pair()
+  with pytest.raises(ValueError, match='loss_scale: the run saved at .* was trained with dynamic loss scaling, '
+                                       'and this run has none'):
+    fit(model, optimizer, train_loader(digits), digits, epochs=2, checkpoint_dir=tmp_path)
+
+
+class SigintAt:
+  """A loader that sends this process a real SIGINT (Ctrl-C) while yielding batch ``at``."""
+
+  def __init__(self, loader, at):
+    self.loader, self.at = loader, at
+
+  def __len__(self):
+    return len(self.loader)
+
+  def __getattr__(self, name):
+    return getattr(self.loader, name)
+
+  def epoch(self, epoch, start=0):
+    for index, batch in enumerate(self.loader.epoch(epoch, start), start=start):
+      if epoch * len(self) + index == self.at:
+        os.kill(os.getpid(), signal.SIGINT)
+      yield batch
+
+
+def test_a_real_ctrl_c_stops_between_dispatches_and_leaves_the_model_whole(digits, tmp_path, reference):
+  model, optimizer = make_pair()
+  history = fit(model, optimizer, SigintAt(train_loader(digits), at=STEPS_PER_EPOCH + 1), digits,
+                checkpoint_dir=tmp_path)
+  steps = history.steps()['step']
+  assert STEPS_PER_EPOCH + 1 <= len(steps) < 2 * STEPS_PER_EPOCH  # stopped within the second epoch
+  assert not any(x.is_deleted() for x in jax.tree.leaves(nnx.state((model, optimizer))))
+  fresh, fresh_optimizer = make_pair(seed=5)
+  history = fit(fresh, fresh_optimizer, train_loader(digits), digits, checkpoint_dir=tmp_path)
+  assert_same_as_reference(fresh, fresh_optimizer, history, reference)

@@ -86,12 +86,12 @@ def test_current_learning_rate_is_none_without_injection():
 @pytest.mark.parametrize(
     'loss_fn, error, match',
     [
-        (lambda m, b: (jnp.ones(3), {}), ValueError, r'loss_fn: expected a scalar loss, got shape \(3,\)'),
-        (lambda m, b: jnp.float32(1.0), TypeError, r'loss_fn: expected it to return a pair \(loss, aux\).*got '
-                                                   r'an array of shape \(\)'),
+        (lambda m, b: (jnp.ones(3), {}), ValueError, r'loss_fn: expected a scalar loss .*got shape \(3,\)'),
+        (lambda m, b: jnp.float32(1.0), TypeError, r'loss_fn: expected loss_fn\(model, batch\) to return a pair '
+                                                   r'\(loss, aux\).*got an array of shape \(\)'),
         (lambda m, b: (jnp.float32(1.0),), TypeError, r'return a pair \(loss, aux\).*got a tuple of 1'),
         (lambda m, b: (jnp.float32(1.0), [1]), TypeError, 'loss_fn: expected aux to be a dict'),
-        (lambda m, b: (jnp.float32(1.0), {'x': jnp.ones(2)}), ValueError, r"aux\['x'\] must be a scalar"),
+        (lambda m, b: (jnp.float32(1.0), {'x': jnp.ones(2)}), ValueError, r"expected aux\['x'\] to be a scalar"),
         (lambda m, b: (jnp.float32(1.0), {'grad_norm': 1.0}), ValueError, "aux key 'grad_norm' is reserved"),
     ],
 )
@@ -103,7 +103,7 @@ def test_bad_loss_fn_output_is_a_clear_error(loss_fn, error, match):
 
 
 def test_eval_step_rejects_a_non_scalar_loss():
-  with pytest.raises(ValueError, match=r'loss_fn: expected a scalar loss, got shape \(16,\)'):
+  with pytest.raises(ValueError, match=r'loss_fn: expected a scalar loss .*got shape \(16,\)'):
     ft.make_eval_step(lambda m, b: (m(b['image']).sum(-1), {}))(make_model(), make_batch(0))
 
 
@@ -198,3 +198,23 @@ def test_classification_loss_names_the_missing_batch_keys():
     ft.make_train_step()(model, optimizer, {'image': batch['image'], 'y': batch['label']})
   with pytest.raises(TypeError, match=r"batch: classification_loss expects a dict.*got a tuple of 2"):
     ft.make_train_step()(model, optimizer, (batch['image'], batch['label']))
+
+
+def test_many_refuses_a_single_batch_passed_as_k_steps():
+  """An unstacked batch of 16 rows would otherwise train 16 steps of one example each, silently."""
+  model = make_model()
+  optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+  with pytest.raises(ValueError, match=r"batches: expected K batches stacked on a new leading axis.*"
+                                       r"batches\['label'\] of shape \(16,\), which has no batch axis per step"):
+    ft.make_train_step().many(model, optimizer, make_batch(0))
+
+
+def test_a_second_model_of_the_same_structure_compiles_no_step():
+  step = ft.make_train_step()
+  model = make_model()
+  step(model, nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param), make_batch(0))
+  other = make_model(seed=9)
+  other_optimizer = nnx.Optimizer(other, optax.adam(1e-3), wrt=nnx.Param)
+  with ft.debug.count_compilations() as compiled:
+    ft.make_train_step()(other, other_optimizer, make_batch(1))
+  assert 'jit(train_arrays)' not in compiled.names
