@@ -68,9 +68,9 @@ def test_quick_run_succeeds_and_every_variant_agrees_with_pure_jax(bench, quick_
   assert results['schema'] == bench.SCHEMA and results['quick'] is True
   assert results['all_losses_agree'] is True
   assert set(results['workloads']) == set(bench.WORKLOADS)
-  quick_variants = set(bench.VARIANTS) - set(bench.ONE_EPOCH_VARIANTS)
   for name, workload in results['workloads'].items():
-    assert set(workload['variants']) == quick_variants, name
+    quick_variants = set(bench.STEP_VARIANTS) | set(bench.loop_variants(name, quick=True))
+    assert quick_variants >= {'pure_loop', 'fit', 'fit_many'} and set(workload['variants']) == quick_variants, name
     for variant, r in workload['variants'].items():
       where = f'{name}/{variant}'
       assert r['loss_agrees'] is True and r['losses_finite'] is True, (where, r['max_loss_diff'])
@@ -201,6 +201,13 @@ def test_targets_are_the_issue_targets(bench):
   assert limits[('fresh_fit_vs_keras', 'fresh')] == ('<=', 1.00)
   assert limits[('many_fits_compilations', 'many_fits')] == ('<=', 0)
   assert limits[('many_fits_rss_growth_mb', 'many_fits')] == ('<=', 50.0)
+
+
+def test_a_full_run_times_every_loop_variant_on_every_workload(bench):
+  for name in bench.WORKLOADS:
+    assert bench.loop_variants(name, quick=False) == list(bench.LOOP_VARIANTS)
+  # A quick run still exercises every loop's code once (the 1-epoch variants are its plain ones).
+  assert set(bench.loop_variants('tiny_mlp', quick=True)) == set(bench.LOOP_VARIANTS) - set(bench.ONE_EPOCH_VARIANTS)
 
 
 def _workload(**us):
