@@ -76,7 +76,9 @@ from flaxtrain.steps import DeviceBatches
 from flaxtrain.steps import MetricsBuffer
 from flaxtrain.steps import classification_loss
 from flaxtrain.steps import compiled_step
+from flaxtrain.steps import copy_arrays
 from flaxtrain.steps import make_train_step
+from flaxtrain.steps import many_mode
 from flaxtrain.steps import metric_names
 from flaxtrain.steps import stack_batches
 
@@ -421,20 +423,20 @@ def fit(
   try:
     with deferred_interrupts() as interrupted:
       # 2. Resume, split once, take the arrays out.
-      if parallel is not None:
-        parallel.place(model, optimizer)  # before a resume, which restores onto these placements
+      # The split checks that the optimizer fits the model and, with parallel, places both on the
+      # mesh: before a resume, which restores into the same Variables at these placements.
+      state = train_step.split(model, optimizer, for_loop=True)
+      if not state.fast:
+        raise ValueError('model: fit needs Variables that hold plain arrays (no refs, no hijax Variables); '
+                         'train such a model with your own loop around ft.make_train_step')
       if saver is not None:
         saver.open(model, optimizer, position, resume=resume, epochs=epochs,
                    accept_new_hyperparams=accept_new_hyperparams, loss_scale=_scale_state(loss_scale))
         records.resume_epoch()
         loss_scale = _restored_scale(loss_scale, position.loss_scale)
-      state = train_step.split(model, optimizer)
-      if not state.fast:
-        raise ValueError('model: fit needs Variables that hold plain arrays (no refs, no hijax Variables); '
-                         'train such a model with your own loop around ft.make_train_step')
       first = next(iter(train_loader.epoch(0)))
       per_dispatch = steps_per_dispatch
-      if per_dispatch > 1 and train_step.many_mode(model, optimizer, stack_batches([first])) == 'loop':
+      if per_dispatch > 1 and many_mode(state.spec, state.read(), stack_batches([first]), loss_scale) == 'loop':
         per_dispatch = 1  # a convolution on the CPU: many steps per call would be slower
       names = metric_names(state, first, loss_scale)
       params = [i for i, v in enumerate(state.variables) if isinstance(v, nnx.Param)]
@@ -444,7 +446,7 @@ def fit(
       # fit donates the arrays to each step: it steps on its own copy, so whatever shares the
       # objects' arrays (a clone, an array a user kept) stays valid; the objects take the copy
       # now, so the originals can be freed, and hold the run's arrays from each sync on.
-      arrays = [jnp.copy(x) for x in state.read()]
+      arrays = copy_arrays(state.read())
       state.write(arrays)
       step = compiled_step(donate=True)
 

@@ -27,7 +27,6 @@ from flaxtrain.evaluation import eval_view
 from flaxtrain.losses import LossFn
 from flaxtrain.parallel import DataParallel
 from flaxtrain.steps import StepSpec
-from flaxtrain.steps import check_model_and_optimizer
 from flaxtrain.steps import classification_loss
 
 __all__ = [
@@ -115,7 +114,6 @@ def check_fit_arguments(
       raise TypeError(f'{name}: expected True or False, got {value!r}')
   if accept_new_hyperparams and checkpoint_dir is None:
     raise ValueError('accept_new_hyperparams: only applies when resuming from a checkpoint_dir, got checkpoint_dir=None')
-  check_model_and_optimizer(model, optimizer)
 
 
 def _batch_keys(batch: Mapping[str, Any]) -> str:

@@ -69,7 +69,9 @@ __all__ = [
     'classification_loss',
     'current_learning_rate',
     'compiled_step',
+    'copy_arrays',
     'make_train_step',
+    'many_mode',
     'metric_names',
     'optimizer_key',
     'stack_batches',
@@ -142,12 +144,16 @@ def current_learning_rate(optimizer: nnx.Optimizer) -> jax.Array | None:
   return None if found is None else jnp.asarray(found)
 
 
-def check_model_and_optimizer(model: Any, optimizer: Any) -> None:
+def check_model_and_optimizer(model: Any, optimizer: Any) -> tuple[Any, Any]:
   """Type checks, and that ``optimizer``'s state fits ``model``'s parameters (shapes only).
 
   Args:
     model: should be an ``nnx.Module``.
     optimizer: should be ``nnx.Optimizer(model, tx, wrt=...)`` for this model.
+
+  Returns:
+    The shapes of the parameters ``optimizer`` updates and of a fresh
+    optimizer state for them (``jax.ShapeDtypeStruct`` trees).
 
   Raises:
     TypeError, ValueError: naming the argument, what was expected and given.
@@ -159,7 +165,8 @@ def check_model_and_optimizer(model: Any, optimizer: Any) -> None:
             if isinstance(optimizer, Mapping) else '')
     raise TypeError(
         f'optimizer: expected an nnx.Optimizer(model, tx, wrt=nnx.Param), got {type(optimizer).__name__}{hint}')
-  want = jax.eval_shape(optimizer.tx.init, nnx.state(model, optimizer.wrt))
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.state(model, optimizer.wrt))
+  want = jax.eval_shape(optimizer.tx.init, params)
   got = nnx.state(optimizer, lambda path, _: path[:1] == ('opt_state',))
   shapes = lambda tree: sorted(tuple(x.shape) for x in jax.tree.leaves(tree))  # the order may differ
   if shapes(want) != shapes(got):
@@ -170,6 +177,7 @@ def check_model_and_optimizer(model: Any, optimizer: Any) -> None:
         f'and lacks arrays of shapes {missing[:4]}; build it as nnx.Optimizer(model, tx, wrt=nnx.Param) '
         'for this model'
     )
+  return params, want
 
 
 # The update, traced -------------------------------------------------------------
@@ -260,8 +268,15 @@ class StepSpec:
     return self.key_hash
 
   def __eq__(self, other: Any) -> bool:
-    return self is other or (isinstance(other, StepSpec) and self.key_hash == other.key_hash
-                             and self.key == other.key)
+    # JAX compares the spec of every call with the one its cache holds: after one full comparison
+    # the two remember each other, so later calls compare by identity.
+    if self is other or other is self.__dict__.get('twin'):
+      return True
+    if not (isinstance(other, StepSpec) and self.key_hash == other.key_hash and self.key == other.key):
+      return False
+    object.__setattr__(self, 'twin', other)
+    object.__setattr__(other, 'twin', self)
+    return True
 
 
 def step_arrays(spec: StepSpec, arrays: list[jax.Array], batch: Batch, loss_scale: Any):
@@ -363,6 +378,12 @@ _step_donating = jax.jit(train_arrays, static_argnames=_STATIC, donate_argnames=
 _step_keeping = jax.jit(train_arrays, static_argnames=_STATIC, donate_argnames=('buffer',))
 
 
+@jax.jit
+def copy_arrays(arrays: list[jax.Array]) -> list[jax.Array]:
+  """New buffers holding ``arrays``' values, in one dispatch (what ``fit`` steps on, and donates)."""
+  return [jnp.copy(x) for x in arrays]
+
+
 def compiled_step(donate: bool = True) -> Callable[..., Any]:
   """:func:`train_arrays` under ``jax.jit``: donating its ``arrays`` (``fit``), or keeping them.
 
@@ -378,28 +399,60 @@ def metric_names(state: 'TrainState', batch: Batch, loss_scale: Any) -> list[str
   return sorted(out[1])
 
 
-def optimizer_key(model: nnx.Module, optimizer: nnx.Optimizer) -> tuple[Any, ...]:
-  """What an optimizer computes, as a hashable value: equal for two optimizers that update alike.
+def _jaxpr_key(jaxpr: Any) -> tuple[Any, ...]:
+  """A jaxpr as nested tuples: its equations, their wiring, literals and parameters (nested jaxprs too).
+
+  Faster than printing the jaxpr, and as exact: two jaxprs with the same key
+  compute the same function.
+  """
+  numbers: dict[Any, Any] = {}
+
+  def aval(v: Any) -> Any:
+    return type(v.aval), getattr(v.aval, 'shape', None), getattr(v.aval, 'dtype', None)
+
+  def var(v: Any) -> Any:
+    if hasattr(v, 'val'):  # a literal
+      return 'literal', np.asarray(v.val).tobytes(), aval(v)
+    found = numbers.get(v)
+    if found is None:
+      found = numbers[v] = (len(numbers), aval(v))
+    return found
+
+  def param(value: Any) -> Any:
+    if hasattr(value, 'jaxpr') and hasattr(value, 'consts'):  # a closed jaxpr
+      return _jaxpr_key(value.jaxpr), _consts_key(value.consts)
+    if hasattr(value, 'eqns'):
+      return _jaxpr_key(value)
+    if isinstance(value, (tuple, list)):
+      return tuple(param(v) for v in value)
+    return repr(value)
+
+  eqns = tuple((eqn.primitive.name, tuple(map(var, eqn.invars)), tuple(map(var, eqn.outvars)),
+                tuple((k, param(v)) for k, v in sorted(eqn.params.items()))) for eqn in jaxpr.eqns)
+  return tuple(map(var, jaxpr.constvars)), tuple(map(var, jaxpr.invars)), eqns, tuple(map(var, jaxpr.outvars))
+
+
+def _consts_key(consts: Sequence[Any]) -> tuple[str, ...]:
+  return tuple(hashlib.sha1(np.asarray(c).tobytes()).hexdigest() + str(np.shape(c)) for c in consts)
+
+
+def optimizer_key(optimizer: nnx.Optimizer, params: Any, state: Any) -> tuple[Any, ...]:
+  """What an optimizer's update computes, as a hashable value: equal for two optimizers that update alike.
 
   ``optax.adam(1e-3)`` built twice gives two transformations whose functions
   are different closures, so Flax's graph definitions of two such optimizers
   differ, and a step keyed by them would compile again for every new
-  optimizer. This key is the text of the jaxprs of ``tx.init`` and
-  ``tx.update`` on the model's parameter shapes, with digests of their
+  optimizer. This key is the jaxpr of ``tx.update`` on the model's parameter
+  shapes (what the compiled step runs of the optimizer), with digests of its
   constants, besides the optimizer's class and ``wrt``: two optimizers with
   the same key run the same program.
+
+  Args:
+    optimizer: an ``nnx.Optimizer``.
+    params, state: the shapes :func:`check_model_and_optimizer` returns.
   """
-  tx = optimizer.tx
-  params = jax.eval_shape(lambda: nnx.state(model, optimizer.wrt))
-  init = jax.make_jaxpr(tx.init)(params)
-  state = jax.eval_shape(tx.init, params)
-  update = jax.make_jaxpr(tx.update)(params, state, params)
-
-  def digest(closed: Any) -> tuple[Any, ...]:
-    consts = tuple(hashlib.sha1(np.asarray(c).tobytes()).hexdigest() + str(np.shape(c)) for c in closed.consts)
-    return str(closed.jaxpr), consts
-
-  return type(optimizer), optimizer.wrt, digest(init), digest(update)
+  update = jax.make_jaxpr(optimizer.tx.update)(params, state, params)
+  return type(optimizer), optimizer.wrt, _jaxpr_key(update.jaxpr), _consts_key(update.consts)
 
 
 def _is_variable(x: Any) -> bool:
@@ -421,7 +474,8 @@ class TrainState:
   """
 
   def __init__(self, model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: LossFn,
-               parallel: DataParallel | None = None):
+               parallel: DataParallel | None = None, *, track: bool = True):
+    params, opt_state = check_model_and_optimizer(model, optimizer)
     self.model, self.optimizer = model, optimizer
     graphdef, state = nnx.split((model, optimizer))
     self.variables = jax.tree.leaves(state, is_leaf=_is_variable)
@@ -434,10 +488,11 @@ class TrainState:
       shardings = tuple(parallel.param_sharding(v.get_raw_value()) for v in self.variables)
       replicated = parallel.replicated
       parallel.place(model, optimizer)
-    structure = (nnx.graphdef(model), optimizer_key(model, optimizer))
+    structure = (nnx.graphdef(model), optimizer_key(optimizer, params, opt_state))
     self.spec = StepSpec(graphdef, treedef, loss_fn, shardings, replicated, structure)
-    # What jax.tree.flatten gives for these objects: checked before each call of TrainStep.
-    self.flat, self.flat_treedef = jax.tree.flatten((model, optimizer), is_leaf=_is_variable)
+    # What jax.tree.flatten gives for these objects: checked before each call of TrainStep (not by fit,
+    # which keeps the arrays itself between its sync points).
+    self.flat, self.flat_treedef = jax.tree.flatten((model, optimizer), is_leaf=_is_variable) if track else ([], None)
 
   def read(self) -> list[Any]:
     """The arrays the Variables hold now."""
@@ -450,7 +505,7 @@ class TrainState:
 
   def matches(self, model: Any, optimizer: Any) -> bool:
     """Whether ``(model, optimizer)`` are these objects, with the structure and Variables split."""
-    if model is not self.model or optimizer is not self.optimizer:
+    if model is not self.model or optimizer is not self.optimizer or self.flat_treedef is None:
       return False
     flat, treedef = jax.tree.flatten((model, optimizer), is_leaf=_is_variable)
     return treedef == self.flat_treedef and all(map(operator.is_, flat, self.flat))
@@ -482,12 +537,15 @@ def _uses_convolution(jaxpr: Any) -> bool:
 
 
 def many_mode(spec: StepSpec, arrays: list[Any], batches: Batch, loss_scale: Any) -> str:
-  """``'scan'``, or ``'loop'`` on the CPU backend for a step holding a convolution (traced only)."""
+  """``'scan'``, or ``'loop'`` on the CPU backend for a step holding a convolution (traced only).
+
+  ``batches`` holds stacked batches; one of them is traced (shapes only).
+  """
   if jax.default_backend() != 'cpu':
     return 'scan'
-  one = {k: jax.ShapeDtypeStruct(np.shape(v)[1:], jnp.asarray(v).dtype if not hasattr(v, 'dtype') else v.dtype)
+  one = {k: jax.ShapeDtypeStruct(np.shape(v)[1:], v.dtype if hasattr(v, 'dtype') else np.asarray(v).dtype)
          for k, v in batches.items()}
-  jaxpr = jax.make_jaxpr(functools.partial(step_arrays, spec))(arrays, one, loss_scale).jaxpr
+  jaxpr = _step_keeping.trace(arrays, one, loss_scale, spec=spec).jaxpr.jaxpr  # jit's trace cache: once per spec
   return 'loop' if _uses_convolution(jaxpr) else 'scan'
 
 
@@ -606,14 +664,17 @@ class TrainStep:
                       f'argument{"s" if given > 1 else ""}; {missing}')
     return self.split(model, optimizer)
 
-  def split(self, model: nnx.Module, optimizer: nnx.Optimizer) -> TrainState:
-    """``(model, optimizer)`` checked and split afresh: the state a loop can step on itself (``fit`` does).
+  def split(self, model: nnx.Module, optimizer: nnx.Optimizer, *, for_loop: bool = False) -> TrainState:
+    """``(model, optimizer)`` checked (:func:`check_model_and_optimizer`) and split afresh.
 
-    With ``parallel``, the arrays are placed on its mesh first.
+    With ``parallel``, the arrays are placed on its mesh first. ``for_loop``:
+    the state is for a loop that steps on its arrays itself (``fit``): no
+    record of the objects' structure for the per-call check of
+    ``train_step(model, optimizer, batch)``.
     """
-    check_model_and_optimizer(model, optimizer)
-    self._state = state = TrainState(model, optimizer, self.loss_fn, self._parallel)
-    self._general = not state.fast
+    state = TrainState(model, optimizer, self.loss_fn, self._parallel, track=not for_loop)
+    if not for_loop:
+      self._state, self._general = state, not state.fast
     return state
 
   def _batch(self, batch: Batch, stacked: bool = False) -> Batch:

@@ -98,6 +98,9 @@ def test_make_lab_defaults_are_the_documented_ones():
   env = {k: v for k, v in os.environ.items() if k not in ('MAKEFLAGS', 'MFLAGS', 'MAKELEVEL')}  # under `make test`
   lab = subprocess.run(['make', '-n', '--no-print-directory', '-o', '.venv/.flaxtrain-installed', 'lab'],
                        cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout.split()
+  # The explorers' pre-save hook (tools/jupyter) is put first on Jupyter's config path; nothing else comes before.
+  assert lab[0] == f'JUPYTER_CONFIG_PATH="{ROOT}/tools/jupyter${{JUPYTER_CONFIG_PATH:+:$JUPYTER_CONFIG_PATH}}"'
+  lab = lab[1:]
   assert lab[:2] == ['.venv/bin/jupyter', 'lab']
   assert set(lab[2:]) - {'--allow-root'} == {
       '--notebook-dir="notebooks"', '--ServerApp.ip=127.0.0.1', '--MappingKernelManager.default_kernel_name=flaxtrain'}
