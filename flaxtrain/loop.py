@@ -73,6 +73,7 @@ from flaxtrain.preflight import val_batches
 from flaxtrain.resume import Position
 from flaxtrain.resume import RunCheckpoints
 from flaxtrain.steps import DeviceBatches
+from flaxtrain.steps import as_device_batches
 from flaxtrain.steps import MetricsBuffer
 from flaxtrain.steps import classification_loss
 from flaxtrain.steps import compiled_step
@@ -110,41 +111,31 @@ def stack_size(index: int, step: int, steps_per_epoch: int, per_dispatch: int, c
 class HostBatches:
   """Batches from ``loader.epoch(epoch, start)`` on the host; K of them stacked for a many-step dispatch.
 
-  On one device each batch goes to the step as a :class:`flaxtrain.steps.DeviceBatches`
-  over its own rows, so the step gathers its rows exactly as it does for
-  :class:`EpochOnDevice`: XLA then compiles one program for both, and a run
-  resumed with the other kind of loader computes the same numbers, to the bit.
+  On one device each batch goes to the step as :func:`flaxtrain.steps.as_device_batches`
+  makes it, as every train step does: the same program as :class:`EpochOnDevice`'s.
   """
 
   def __init__(self, loader: Any, parallel: DataParallel | None):
     self.loader = loader
     self.gather = parallel is None
     self.batches: Iterator[Any] = iter(())
-    self.orders: dict[tuple[int, int], jax.Array] = {}  # (steps, rows) -> the identity order
+    self.orders: dict[tuple[int, int], jax.Array] = {}  # the identity orders of as_device_batches
 
   def start(self, epoch: int, index: int) -> None:
     self.batches = self.loader.epoch(epoch, index)
 
-  def _as_gather(self, batch: Any, steps: int) -> Any:
-    """``batch`` (``steps`` stacked batches, or one) as a DeviceBatches over its own rows, where it can be."""
-    sizes = {np.shape(v)[:2 if steps > 1 else 1] for v in batch.values()} if isinstance(batch, Mapping) else set()
-    if not self.gather or len(sizes) != 1 or len(next(iter(sizes))) != (2 if steps > 1 else 1):
-      return batch
-    rows = int(np.prod(next(iter(sizes))))
-    if (steps, rows) not in self.orders:
-      self.orders[steps, rows] = jnp.arange(rows, dtype=jnp.int32).reshape(steps, rows // steps)
-    data = {k: np.reshape(v, (rows, *np.shape(v)[2 if steps > 1 else 1:])) for k, v in batch.items()}
-    return DeviceBatches(data, self.orders[steps, rows], np.int32(0))
+  def _input(self, batch: Any, steps: int) -> Any:
+    return as_device_batches(batch, None if steps == 1 else steps, self.orders) if self.gather else batch
 
   def take(self, steps: int) -> list[tuple[int, Any]]:
     """``[(steps, input)]`` for the step; a ragged chunk (a custom loader) runs as single steps."""
     if steps == 1:
-      return [(1, self._as_gather(next(self.batches), 1))]
+      return [(1, self._input(next(self.batches), 1))]
     chunk = [next(self.batches) for _ in range(steps)]
     shape = lambda batch: {k: (np.shape(v), getattr(v, 'dtype', None)) for k, v in batch.items()}
     if all(shape(batch) == shape(chunk[0]) for batch in chunk[1:]):
-      return [(steps, self._as_gather(stack_batches(chunk), steps))]
-    return [(1, self._as_gather(batch, 1)) for batch in chunk]
+      return [(steps, self._input(stack_batches(chunk), steps))]
+    return [(1, self._input(batch, 1)) for batch in chunk]
 
   def advance(self, following: Any) -> None:
     pass

@@ -58,6 +58,7 @@ from flaxtrain.parallel import as_parallel
 
 __all__ = [
     'DeviceBatches',
+    'as_device_batches',
     'LossFn',
     'MetricsBuffer',
     'RESERVED',
@@ -320,6 +321,32 @@ class MetricsBuffer(NamedTuple):
   """
   values: jax.Array
   count: jax.Array
+
+
+def as_device_batches(batch: Any, steps: int | None, orders: dict[tuple[int, int], jax.Array]) -> Any:
+  """``batch`` (one, or ``steps`` stacked) as :class:`DeviceBatches` over its own rows, where it can be.
+
+  Every train step gathers its batch this way, whether the rows come from
+  the host or from data already on the device (``fit``'s :class:`DeviceBatches`
+  of a whole epoch): XLA then compiles one program for both, and they compute
+  the same numbers to the bit. A batch whose arrays do not share one batch
+  axis is returned as it is.
+
+  Args:
+    batch: a dict of arrays.
+    steps: None for one batch, else the number of stacked batches.
+    orders: the caller's identity orders by ``(steps, rows)``, reused between calls.
+  """
+  axes = 1 if steps is None else 2
+  sizes = {np.shape(v)[:axes] for v in batch.values()} if isinstance(batch, Mapping) and batch else set()
+  if len(sizes) != 1 or len(next(iter(sizes))) != axes or not all(hasattr(v, 'reshape') for v in batch.values()):
+    return batch
+  rows = int(np.prod(next(iter(sizes))))
+  count = steps or 1
+  if (count, rows) not in orders:
+    orders[count, rows] = jnp.arange(rows, dtype=jnp.int32).reshape(count, rows // count)
+  data = {k: v.reshape(rows, *np.shape(v)[axes:]) for k, v in batch.items()}
+  return DeviceBatches(data, orders[count, rows], np.int32(0))
 
 
 def _pack(metrics: Mapping[str, jax.Array]) -> jax.Array:
@@ -627,6 +654,7 @@ class TrainStep:
     self._state: TrainState | None = None  # the last (model, optimizer) split
     self._general = False  # that split cannot take the flat path: nnx.jit instead
     self._modes: dict[Any, str] = {}  # many_mode's choice, by spec and batch shapes
+    self._orders: dict[tuple[int, int], jax.Array] = {}  # as_device_batches' identity orders
 
   @property
   def parallel(self) -> DataParallel | None:
@@ -677,10 +705,11 @@ class TrainStep:
       self._state, self._general = state, not state.fast
     return state
 
-  def _batch(self, batch: Batch, stacked: bool = False) -> Batch:
-    if self._parallel is None:
-      return batch
-    return self._parallel.shard_batch(batch, stacked=stacked)
+  def _batch(self, batch: Batch, steps: int | None = None) -> Any:
+    """What the compiled step takes: split over the devices, or gathered by the step itself on one."""
+    if self._parallel is not None:
+      return self._parallel.shard_batch(batch, stacked=steps is not None)
+    return as_device_batches(batch, steps, self._orders)
 
   def _call(self, state: TrainState, batch: Batch, steps: int | None = None, unroll: Any = 1) -> Any:
     """The compiled step on the state's arrays, written back; None where the flat path cannot run."""
@@ -707,11 +736,12 @@ class TrainStep:
                ) -> dict[str, jax.Array]:
     """One update of ``model`` and ``optimizer`` on ``batch``, in place; returns the metrics."""
     state = self.state(model, optimizer, batch)
-    batch = self._batch(batch)
     if not self._general:
-      metrics = self._call(state, batch)
+      metrics = self._call(state, self._batch(batch))
       if metrics is not None:
         return metrics
+    if self._parallel is not None:
+      batch = self._parallel.shard_batch(batch)
     return self._general_call(model, optimizer, batch)
 
   def lower(self, model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch) -> Any:
@@ -722,10 +752,11 @@ class TrainStep:
     outputs write over instead of holding a second copy of.
     """
     state = self.state(model, optimizer, batch)
-    batch = self._batch(batch)
     if self._general:
+      if self._parallel is not None:
+        batch = self._parallel.shard_batch(batch)
       return _general_step.lower(self.loss_fn, model, optimizer, batch, self._loss_scale)
-    return compiled_step(self.donate).lower(state.read(), batch, self._loss_scale, spec=state.spec)
+    return compiled_step(self.donate).lower(state.read(), self._batch(batch), self._loss_scale, spec=state.spec)
 
   def many(self, model: nnx.Module, optimizer: nnx.Optimizer, batches: Batch, *,
            mode: Literal['auto', 'scan', 'unroll', 'loop'] = 'auto') -> dict[str, jax.Array]:
@@ -744,7 +775,7 @@ class TrainStep:
     if mode == 'auto':
       mode = self.many_mode(model, optimizer, batches)
     if not self._general and mode != 'loop':
-      metrics = self._call(state, self._batch(batches, stacked=True), steps=steps,
+      metrics = self._call(state, self._batch(batches, steps), steps=steps,
                            unroll=True if mode == 'unroll' else 1)
       if metrics is not None:
         return metrics
