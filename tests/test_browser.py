@@ -6,7 +6,6 @@ how to install Chromium. Screenshots go to $FLAXTRAIN_SCREENSHOTS, else a pytest
 the path is printed when the tests start.
 """
 
-import contextlib
 import os
 import pathlib
 import re
@@ -23,26 +22,6 @@ pytestmark = pytest.mark.browser
 RUN_ALL = ['00_anatomy_of_a_training_loop.ipynb', '08_complete_training_loop.ipynb']
 STORED = sorted(p.name for p in jl.NOTEBOOKS.glob('[0-9][0-9]_*.ipynb'))
 RUN_TIMEOUT = 600  # seconds for Run All of one notebook; nbval allows 900 per cell
-
-
-@pytest.fixture(scope='module')
-def chromium():
-  reason = jl.missing()
-  if reason and os.environ.get('CI', '').lower() in ('1', 'true', 'yes'):
-    pytest.fail(f'CI=true, so the browser tests must run, but {reason}')
-  if reason:
-    pytest.skip(reason)
-  return jl.find_chromium()
-
-
-@pytest.fixture(scope='module')
-def screenshots(request, tmp_path_factory):
-  path = pathlib.Path(os.environ.get('FLAXTRAIN_SCREENSHOTS') or tmp_path_factory.mktemp('screenshots'))
-  path.mkdir(parents=True, exist_ok=True)
-  capture = request.config.pluginmanager.get_plugin('capturemanager')
-  with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-    print(f'\nbrowser test screenshots: {path}', flush=True)
-  return path
 
 
 @pytest.fixture(scope='module')

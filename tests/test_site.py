@@ -150,26 +150,6 @@ def test_no_page_loads_anything_from_another_host(site):
 
 # In the browser: what a reader sees.
 
-@pytest.fixture(scope='module')
-def chromium():
-  reason = jl.missing()
-  if reason and os.environ.get('CI', '').lower() in ('1', 'true', 'yes'):
-    pytest.fail(f'CI=true, so the browser tests must run, but {reason}')
-  if reason:
-    pytest.skip(reason)
-  return jl.find_chromium()
-
-
-@pytest.fixture(scope='module')
-def screenshots(request, tmp_path_factory):
-  path = pathlib.Path(os.environ.get('FLAXTRAIN_SCREENSHOTS') or tmp_path_factory.mktemp('screenshots'))
-  path.mkdir(parents=True, exist_ok=True)
-  capture = request.config.pluginmanager.get_plugin('capturemanager')
-  with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-    print(f'\nsite screenshots: {path}', flush=True)
-  return path
-
-
 class Reader:
   """A browser tab that records console errors, page errors, failed loads and any request off the site."""
 
