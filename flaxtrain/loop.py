@@ -119,7 +119,7 @@ class HostBatches:
     self.loader = loader
     self.gather = parallel is None
     self.batches: Iterator[Any] = iter(())
-    self.orders: dict[tuple[int, int], jax.Array] = {}  # the identity orders of as_device_batches
+    self.orders: dict[tuple[int, int], np.ndarray] = {}  # the identity orders of as_device_batches
 
   def start(self, epoch: int, index: int) -> None:
     self.batches = self.loader.epoch(epoch, index)

@@ -323,7 +323,7 @@ class MetricsBuffer(NamedTuple):
   count: jax.Array
 
 
-def as_device_batches(batch: Any, steps: int | None, orders: dict[tuple[int, int], jax.Array]) -> Any:
+def as_device_batches(batch: Any, steps: int | None, orders: dict[tuple[int, int], np.ndarray]) -> Any:
   """``batch`` (one, or ``steps`` stacked) as :class:`DeviceBatches` over its own rows, where it can be.
 
   Every train step gathers its batch this way, whether the rows come from
@@ -344,7 +344,7 @@ def as_device_batches(batch: Any, steps: int | None, orders: dict[tuple[int, int
   rows = int(np.prod(next(iter(sizes))))
   count = steps or 1
   if (count, rows) not in orders:
-    orders[count, rows] = jnp.arange(rows, dtype=jnp.int32).reshape(count, rows // count)
+    orders[count, rows] = np.arange(rows, dtype=np.int32).reshape(count, rows // count)  # host: compiles nothing
   data = {k: v.reshape(rows, *np.shape(v)[axes:]) for k, v in batch.items()}
   return DeviceBatches(data, orders[count, rows], np.int32(0))
 
@@ -654,7 +654,7 @@ class TrainStep:
     self._state: TrainState | None = None  # the last (model, optimizer) split
     self._general = False  # that split cannot take the flat path: nnx.jit instead
     self._modes: dict[Any, str] = {}  # many_mode's choice, by spec and batch shapes
-    self._orders: dict[tuple[int, int], jax.Array] = {}  # as_device_batches' identity orders
+    self._orders: dict[tuple[int, int], np.ndarray] = {}  # as_device_batches' identity orders
 
   @property
   def parallel(self) -> DataParallel | None:
