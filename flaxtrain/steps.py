@@ -345,7 +345,7 @@ def as_device_batches(batch: Any, steps: int | None, orders: dict[tuple[int, int
   count = steps or 1
   if (count, rows) not in orders:
     orders[count, rows] = np.arange(rows, dtype=np.int32).reshape(count, rows // count)  # host: compiles nothing
-  data = {k: v.reshape(rows, *np.shape(v)[axes:]) for k, v in batch.items()}
+  data = batch if steps is None else {k: v.reshape(rows, *np.shape(v)[axes:]) for k, v in batch.items()}
   return DeviceBatches(data, orders[count, rows], np.int32(0))
 
 
