@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -141,6 +142,10 @@ def find_learning_rate(
     diverge_factor: stop when the smoothed loss exceeds this multiple (> 1)
       of its lowest value.
 
+  Warns:
+    RuntimeWarning: the smoothed loss never fell below its first value (the
+      suggestion then means nothing).
+
   Returns:
     An :class:`LRFinderResult` with the rates, the raw and smoothed losses,
     the suggested rate and ``diverged``: whether the sweep ended early on a
@@ -157,8 +162,13 @@ def find_learning_rate(
   def schedule(step):
     return min_lr * ratio ** (jnp.minimum(step, num_steps - 1) / (num_steps - 1))
 
+  tx = make_tx(schedule)
+  if not isinstance(tx, optax.GradientTransformation):
+    raise TypeError('make_tx: expected a function that returns an optax.GradientTransformation (e.g. '
+                    f'optax.adam, or lambda lr: optax.sgd(lr, momentum=0.9)), but make_tx(schedule) returned '
+                    f'{type(tx).__name__}')
   copy = nnx.clone(model)
-  optimizer = nnx.Optimizer(copy, make_tx(schedule), wrt=nnx.Param)
+  optimizer = nnx.Optimizer(copy, tx, wrt=nnx.Param)
   train_step = make_train_step(loss_fn)
   rates, losses, smoothed = [], [], []
   average, diverged = 0.0, False
@@ -176,7 +186,13 @@ def find_learning_rate(
       diverged = True
       break
   smoothed_array = np.array(smoothed)
-  best = float(rates[int(np.argmin(smoothed_array))])
+  lowest = int(np.argmin(smoothed_array))
+  best = float(rates[lowest])
+  if lowest == 0:
+    warnings.warn(
+        f'find_learning_rate: the smoothed loss never fell below its first value ({smoothed_array[0]:.4g}) '
+        f'between the rates {min_lr:.2g} and {rates[-1]:.2g}, so the suggestion ({best / 10:.2g}) means nothing; '
+        'check the model, loss_fn and data, or sweep from a smaller min_lr', RuntimeWarning, stacklevel=2)
   return LRFinderResult(np.array(rates), np.array(losses), smoothed_array, best / 10, diverged)
 
 

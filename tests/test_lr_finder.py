@@ -93,3 +93,21 @@ def test_validates_arguments(splits, kwargs, error, match):
   with pytest.raises(error, match=match):
     ft.find_learning_rate(arguments.pop('model'), arguments.pop('make_tx'), arguments.pop('loader'),
                           **arguments)
+
+
+def test_a_factory_that_returns_no_transformation_is_named():
+  model = ft.MLP(64, (8,), 10, rngs=nnx.Rngs(0))
+  batches = [{'image': np.zeros((8, 64), np.float32), 'label': np.zeros(8, np.int32)}]
+  with pytest.raises(TypeError, match=r'make_tx: expected a function that returns an optax.GradientTransformation.*'
+                                      r'returned float'):
+    ft.find_learning_rate(model, lambda lr: 0.1, batches, num_steps=10)
+
+
+def test_a_sweep_whose_loss_never_fell_warns_that_its_suggestion_means_nothing():
+  model = ft.MLP(64, (8,), 10, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  batches = [{'image': rng.normal(size=(16, 64)).astype(np.float32), 'label': rng.integers(0, 10, 16).astype(np.int32)}]
+  # Gradient ascent: every step makes the loss worse, so the lowest smoothed loss is the first.
+  with pytest.warns(RuntimeWarning, match='the smoothed loss never fell below its first value'):
+    ft.find_learning_rate(model, lambda lr: optax.sgd(lambda step: -lr(step)), batches, min_lr=1e-2, max_lr=1.0,
+                          num_steps=20)
