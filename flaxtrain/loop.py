@@ -137,7 +137,7 @@ class HostBatches:
       return [(steps, self._input(stack_batches(chunk), steps))]
     return [(1, self._input(batch, 1)) for batch in chunk]
 
-  def advance(self, following: Any) -> None:
+  def advance(self, position: Any) -> None:
     pass
 
 
@@ -169,8 +169,8 @@ class EpochOnDevice:
   def take(self, steps: int) -> list[tuple[int, Any]]:
     return [(steps, self.cursor)]
 
-  def advance(self, following: DeviceBatches) -> None:
-    self.cursor = following
+  def advance(self, position: jax.Array) -> None:
+    self.cursor = self.cursor._replace(position=position)
 
 
 # Deferred interrupts --------------------------------------------------------------

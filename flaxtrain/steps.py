@@ -299,7 +299,7 @@ class DeviceBatches(NamedTuple):
 
   ``fit`` passes this in place of a batch when its loader's data fits on the
   device: the epoch's order goes over once, and no batch is sliced, stacked
-  or copied on the host. The step returns it with ``position`` advanced.
+  or copied on the host. The step returns the advanced ``position`` (not the data: that would copy it).
 
   Attributes:
     data: the loader's arrays, whole, on the device.
@@ -371,9 +371,9 @@ def train_arrays(arrays: list[jax.Array], batch: Batch | DeviceBatches, loss_sca
     unroll: the scan's ``unroll``.
 
   Returns:
-    ``(new arrays, metrics or the buffer, next loss_scale, next batch)``:
-    with ``steps`` each metric has shape ``(K,)``; the next batch is the
-    :class:`DeviceBatches` advanced past these steps, or None.
+    ``(new arrays, metrics or the buffer, next loss_scale, next position)``:
+    with ``steps`` each metric has shape ``(K,)``; the next position is that
+    of the :class:`DeviceBatches` after these steps (None for a plain batch).
   """
   following = None
   if isinstance(batch, DeviceBatches):
@@ -382,7 +382,7 @@ def train_arrays(arrays: list[jax.Array], batch: Batch | DeviceBatches, loss_sca
       one = take(jax.lax.dynamic_index_in_dim(batch.order, batch.position, keepdims=False))
     else:
       one = jax.lax.dynamic_slice_in_dim(batch.order, batch.position, steps)
-    following = batch._replace(position=batch.position + (steps or 1))
+    following = batch.position + (steps or 1)  # only the position: returning the data would copy it
   else:
     take, one = None, batch
   if steps is None:
