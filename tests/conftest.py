@@ -29,3 +29,15 @@ def screenshots(request, tmp_path_factory):
   with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
     print(f'\n{request.module.__name__} screenshots: {path}', flush=True)
   return path
+
+
+@pytest.fixture(scope='module')
+def browser(chromium):
+  """Headless Chromium through Playwright, one per test module."""
+  from playwright.sync_api import sync_playwright
+  with sync_playwright() as playwright:
+    chrome = playwright.chromium.launch(executable_path=chromium, args=jl.CHROMIUM_ARGS)
+    try:
+      yield chrome
+    finally:
+      chrome.close()

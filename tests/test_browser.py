@@ -35,17 +35,6 @@ def lab(chromium, tmp_path_factory):
     assert not left, f'processes of the test\'s JupyterLab still running after shutdown: {left}'
 
 
-@pytest.fixture(scope='module')
-def browser(chromium):
-  from playwright.sync_api import sync_playwright
-  with sync_playwright() as playwright:
-    chrome = playwright.chromium.launch(executable_path=chromium, args=jl.CHROMIUM_ARGS)
-    try:
-      yield chrome
-    finally:
-      chrome.close()
-
-
 @pytest.fixture
 def page(browser, lab):
   context = browser.new_context(viewport={'width': 1400, 'height': 900})

@@ -175,17 +175,6 @@ class Reader:
     self.page.evaluate('() => window.MathJax && MathJax.startup ? MathJax.startup.promise : null')
 
 
-@pytest.fixture(scope='module')
-def browser(chromium):
-  from playwright.sync_api import sync_playwright
-  with sync_playwright() as playwright:
-    chrome = playwright.chromium.launch(executable_path=chromium, args=jl.CHROMIUM_ARGS)
-    try:
-      yield chrome
-    finally:
-      chrome.close()
-
-
 @pytest.fixture
 def reader(browser):
   tab = Reader(browser)
