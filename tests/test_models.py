@@ -82,3 +82,50 @@ def test_help_shows_the_real_signature(cls, names):
 def test_dtypes_jnp_accepts_are_accepted(dtype):
   model = ft.MLP(64, (8,), 10, dtype=dtype, rngs=nnx.Rngs(0))
   assert model(jnp.ones((2, 64))).dtype == (jnp.dtype(dtype) if dtype is not None else jnp.float32)
+
+
+# Built in one compiled call ----------------------------------------------------------------------------
+
+
+def eager_mlp(seed, hidden, dropout_rate=0.0):
+  """The same layers as ft.MLP, built op by op as Flax builds them outside jit."""
+  rngs = nnx.Rngs(seed)
+  widths = [64, *hidden]
+  layers = [nnx.Linear(a, b, rngs=rngs) for a, b in zip(widths[:-1], widths[1:])]
+  dropout = nnx.Dropout(dropout_rate, rngs=rngs) if dropout_rate else None
+  return layers, dropout, nnx.Linear(widths[-1], 10, rngs=rngs), rngs
+
+
+@pytest.mark.parametrize('dropout_rate', [0.0, 0.3])
+def test_models_are_built_in_one_compiled_call_with_the_values_of_an_op_by_op_build(dropout_rate):
+  hidden = (24, 40)  # shapes no other test builds: the first build compiles
+  with ft.debug.count_compilations() as compiled:
+    rngs = nnx.Rngs(5)  # creating Rngs compiles its own small ops: counted apart
+  with ft.debug.count_compilations() as compiled:
+    model = ft.MLP(64, hidden, 10, dropout_rate=dropout_rate, rngs=rngs)
+  assert compiled.names == ['jit(_init)'], compiled.names
+  with ft.debug.count_compilations() as compiled:
+    ft.MLP(64, hidden, 10, dropout_rate=dropout_rate, rngs=nnx.Rngs(6))  # another seed, the same structure
+  assert 'jit(_init)' not in compiled.names
+
+  layers, dropout, out, eager_rngs = eager_mlp(5, hidden, dropout_rate)
+  for ours, theirs in zip([*model.hidden, model.out], [*layers, out]):
+    np.testing.assert_allclose(ours.kernel[...], theirs.kernel[...], rtol=0, atol=2e-7)
+    np.testing.assert_array_equal(ours.bias[...], theirs.bias[...])
+  assert not np.array_equal(model.out.kernel[...], ft.MLP(64, hidden, 10, rngs=nnx.Rngs(6)).out.kernel[...])
+  # The Rngs advanced as the op-by-op build advanced them, so what is drawn next is the same.
+  np.testing.assert_array_equal(jax.random.key_data(rngs.params()), jax.random.key_data(eager_rngs.params()))
+  if dropout_rate:
+    masks = [np.asarray(d(jnp.ones((4, 40)))) for d in (model.dropout, dropout)]
+    np.testing.assert_array_equal(*masks)
+
+
+def test_a_large_model_is_built_by_an_optimized_program_with_the_same_values(monkeypatch):
+  from flaxtrain import models
+  small = ft.MLP(64, (48,), 10, rngs=nnx.Rngs(1))
+  monkeypatch.setattr(models, '_QUICK_COMPILE_MAX_VALUES', 0)  # every model counts as large
+  with ft.debug.count_compilations() as compiled:
+    large = ft.MLP(64, (48,), 10, rngs=nnx.Rngs(1))
+  assert compiled.names == ['jit(_init)']  # the optimized program: a compilation of its own
+  for ours, theirs in zip(jax.tree.leaves(nnx.state(small)), jax.tree.leaves(nnx.state(large))):
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-7)
