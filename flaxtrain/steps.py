@@ -35,9 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import operator
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -47,6 +46,7 @@ import optax
 from flax import nnx
 
 from flaxtrain import precision
+from flaxtrain.keys import optimizer_key
 from flaxtrain.losses import LossFn
 from flaxtrain.losses import call_loss_fn
 from flaxtrain.losses import check_loss_fn
@@ -145,12 +145,24 @@ def current_learning_rate(optimizer: nnx.Optimizer) -> jax.Array | None:
   return None if found is None else jnp.asarray(found)
 
 
-def check_model_and_optimizer(model: Any, optimizer: Any) -> tuple[Any, Any]:
+def _check_types(model: Any, optimizer: Any) -> None:
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f'model: expected an nnx.Module, got {type(model).__name__}')
+  if not isinstance(optimizer, nnx.Optimizer):
+    hint = (' (is the optimizer missing? the step is called as train_step(model, optimizer, batch))'
+            if isinstance(optimizer, Mapping) else '')
+    raise TypeError(
+        f'optimizer: expected an nnx.Optimizer(model, tx, wrt=nnx.Param), got {type(optimizer).__name__}{hint}')
+
+
+def check_model_and_optimizer(model: Any, optimizer: Any, state: Any = None) -> tuple[Any, Any]:
   """Type checks, and that ``optimizer``'s state fits ``model``'s parameters (shapes only).
 
   Args:
     model: should be an ``nnx.Module``.
     optimizer: should be ``nnx.Optimizer(model, tx, wrt=...)`` for this model.
+    state: ``nnx.split((model, optimizer))[1]`` if the caller has it (saves
+      walking the objects again), else None.
 
   Returns:
     The shapes of the parameters ``optimizer`` updates and of a fresh
@@ -159,16 +171,13 @@ def check_model_and_optimizer(model: Any, optimizer: Any) -> tuple[Any, Any]:
   Raises:
     TypeError, ValueError: naming the argument, what was expected and given.
   """
-  if not isinstance(model, nnx.Module):
-    raise TypeError(f'model: expected an nnx.Module, got {type(model).__name__}')
-  if not isinstance(optimizer, nnx.Optimizer):
-    hint = (' (is the optimizer missing? the step is called as train_step(model, optimizer, batch))'
-            if isinstance(optimizer, Mapping) else '')
-    raise TypeError(
-        f'optimizer: expected an nnx.Optimizer(model, tx, wrt=nnx.Param), got {type(optimizer).__name__}{hint}')
-  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.state(model, optimizer.wrt))
+  _check_types(model, optimizer)
+  if state is None:
+    state = nnx.split((model, optimizer))[1]
+  shape_of = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+  params = jax.tree.map(shape_of, nnx.filter_state(state[0], optimizer.wrt))
   want = jax.eval_shape(optimizer.tx.init, params)
-  got = nnx.state(optimizer, lambda path, _: path[:1] == ('opt_state',))
+  got = state[1]['opt_state'] if 'opt_state' in state[1] else ()  # a state of no arrays is left out
   shapes = lambda tree: sorted(tuple(x.shape) for x in jax.tree.leaves(tree))  # the order may differ
   if shapes(want) != shapes(got):
     missing = [shape for shape in shapes(want) if shape not in shapes(got)]
@@ -426,64 +435,10 @@ def metric_names(state: 'TrainState', batch: Batch, loss_scale: Any) -> list[str
   return sorted(out[1])
 
 
-def _jaxpr_key(jaxpr: Any) -> tuple[Any, ...]:
-  """A jaxpr as nested tuples: its equations, their wiring, literals and parameters (nested jaxprs too).
-
-  Faster than printing the jaxpr, and as exact: two jaxprs with the same key
-  compute the same function.
-  """
-  numbers: dict[Any, Any] = {}
-
-  def aval(v: Any) -> Any:
-    return type(v.aval), getattr(v.aval, 'shape', None), getattr(v.aval, 'dtype', None)
-
-  def var(v: Any) -> Any:
-    if hasattr(v, 'val'):  # a literal
-      return 'literal', np.asarray(v.val).tobytes(), aval(v)
-    found = numbers.get(v)
-    if found is None:
-      found = numbers[v] = (len(numbers), aval(v))
-    return found
-
-  def param(value: Any) -> Any:
-    if hasattr(value, 'jaxpr') and hasattr(value, 'consts'):  # a closed jaxpr
-      return _jaxpr_key(value.jaxpr), _consts_key(value.consts)
-    if hasattr(value, 'eqns'):
-      return _jaxpr_key(value)
-    if isinstance(value, (tuple, list)):
-      return tuple(param(v) for v in value)
-    return repr(value)
-
-  eqns = tuple((eqn.primitive.name, tuple(map(var, eqn.invars)), tuple(map(var, eqn.outvars)),
-                tuple((k, param(v)) for k, v in sorted(eqn.params.items()))) for eqn in jaxpr.eqns)
-  return tuple(map(var, jaxpr.constvars)), tuple(map(var, jaxpr.invars)), eqns, tuple(map(var, jaxpr.outvars))
-
-
-def _consts_key(consts: Sequence[Any]) -> tuple[str, ...]:
-  return tuple(hashlib.sha1(np.asarray(c).tobytes()).hexdigest() + str(np.shape(c)) for c in consts)
-
-
-def optimizer_key(optimizer: nnx.Optimizer, params: Any, state: Any) -> tuple[Any, ...]:
-  """What an optimizer's update computes, as a hashable value: equal for two optimizers that update alike.
-
-  ``optax.adam(1e-3)`` built twice gives two transformations whose functions
-  are different closures, so Flax's graph definitions of two such optimizers
-  differ, and a step keyed by them would compile again for every new
-  optimizer. This key is the jaxpr of ``tx.update`` on the model's parameter
-  shapes (what the compiled step runs of the optimizer), with digests of its
-  constants, besides the optimizer's class and ``wrt``: two optimizers with
-  the same key run the same program.
-
-  Args:
-    optimizer: an ``nnx.Optimizer``.
-    params, state: the shapes :func:`check_model_and_optimizer` returns.
-  """
-  update = jax.make_jaxpr(optimizer.tx.update)(params, state, params)
-  return type(optimizer), optimizer.wrt, _jaxpr_key(update.jaxpr), _consts_key(update.consts)
-
-
 def _is_variable(x: Any) -> bool:
-  return isinstance(x, nnx.Variable)
+  # By type: nnx.Variable's isinstance also answers for tracers and hijax Variables, at about 1 µs a
+  # node, on every call of the step; neither can occur in the objects a TrainState splits.
+  return issubclass(type(x), nnx.Variable)
 
 
 class TrainState:
@@ -501,10 +456,11 @@ class TrainState:
   """
 
   def __init__(self, model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: LossFn,
-               parallel: DataParallel | None = None, *, track: bool = True):
-    params, opt_state = check_model_and_optimizer(model, optimizer)
-    self.model, self.optimizer = model, optimizer
+               parallel: DataParallel | None = None, *, track: bool = True, place: bool = True):
+    _check_types(model, optimizer)  # before nnx.split touches them
     graphdef, state = nnx.split((model, optimizer))
+    params, opt_state = check_model_and_optimizer(model, optimizer, state)
+    self.model, self.optimizer = model, optimizer
     self.variables = jax.tree.leaves(state, is_leaf=_is_variable)
     treedef = jax.tree.structure(state)
     self.fast = treedef.num_leaves == len(self.variables) and all(
@@ -514,12 +470,19 @@ class TrainState:
     if parallel is not None and self.fast:
       shardings = tuple(parallel.param_sharding(v.get_raw_value()) for v in self.variables)
       replicated = parallel.replicated
-      parallel.place(model, optimizer)
+    self.parallel = parallel if self.fast else None
+    if place:
+      self.place()
     structure = (nnx.graphdef(model), optimizer_key(optimizer, params, opt_state))
     self.spec = StepSpec(graphdef, treedef, loss_fn, shardings, replicated, structure)
     # What jax.tree.flatten gives for these objects: checked before each call of TrainStep (not by fit,
     # which keeps the arrays itself between its sync points).
     self.flat, self.flat_treedef = jax.tree.flatten((model, optimizer), is_leaf=_is_variable) if track else ([], None)
+
+  def place(self) -> None:
+    """With many devices, puts the objects' arrays on the mesh as the step expects them (else nothing)."""
+    if self.parallel is not None:
+      self.parallel.place(self.model, self.optimizer)
 
   def read(self) -> list[Any]:
     """The arrays the Variables hold now."""
@@ -698,9 +661,10 @@ class TrainStep:
     With ``parallel``, the arrays are placed on its mesh first. ``for_loop``:
     the state is for a loop that steps on its arrays itself (``fit``): no
     record of the objects' structure for the per-call check of
-    ``train_step(model, optimizer, batch)``.
+    ``train_step(model, optimizer, batch)``, and nothing placed until the
+    loop calls ``state.place()`` (after its checks of the data).
     """
-    state = TrainState(model, optimizer, self.loss_fn, self._parallel, track=not for_loop)
+    state = TrainState(model, optimizer, self.loss_fn, self._parallel, track=not for_loop, place=not for_loop)
     if not for_loop:
       self._state, self._general = state, not state.fast
     return state
