@@ -1,7 +1,7 @@
 """The small chores ``fit`` does at its sync points, each an object the loop calls itself.
 
 In the shape of CLU's periodic actions, not a callback framework: the loop
-decides when (every ``log_every`` steps, at the end of an epoch), the chore
+decides when (``log_every`` steps after the last log, at the end of an epoch), the chore
 knows what.
 
 * :class:`Progress`: the progress bar, with the running loss and the

@@ -10,8 +10,9 @@ The loop itself is short and reads top to bottom:
    per call in a ``jax.lax.scan``. The step appends its metrics to a buffer
    on the device, so no step waits for the host.
 4. At sync points the objects are made current (``TrainState.write``) and
-   the chores run: every ``log_every`` steps the buffer comes to the host in
-   one transfer (progress bar, finite check, live plot); at the end of each
+   the chores run: ``log_every`` steps after the last log, and at the end of
+   each epoch, the buffer comes to the host in one transfer (progress bar,
+   finite check, live plot); at the end of each
    epoch, validation and the checkpoint; on an interruption, a non-finite
    stop and at the end, the write-back.
 
@@ -38,7 +39,6 @@ What it guarantees:
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import signal
 import threading
@@ -72,6 +72,7 @@ from flaxtrain.preflight import skips_nonfinite
 from flaxtrain.preflight import val_batches
 from flaxtrain.resume import Position
 from flaxtrain.resume import RunCheckpoints
+from flaxtrain.steps import RESERVED
 from flaxtrain.steps import DeviceBatches
 from flaxtrain.steps import as_device_batches
 from flaxtrain.steps import MetricsBuffer
@@ -80,7 +81,6 @@ from flaxtrain.steps import compiled_step
 from flaxtrain.steps import copy_arrays
 from flaxtrain.steps import make_train_step
 from flaxtrain.steps import many_mode
-from flaxtrain.steps import metric_names
 from flaxtrain.steps import stack_batches
 
 __all__ = ['fit']
@@ -151,7 +151,7 @@ class EpochOnDevice:
 
   def __init__(self, loader: DataLoader):
     self.loader = loader
-    self.data = {key: jnp.asarray(value) for key, value in loader.data.items()}
+    self.data = jax.device_put(dict(loader.data))  # no eager op: nothing to compile in a fresh process
     self.cursor: DeviceBatches | None = None
 
   @staticmethod
@@ -280,7 +280,9 @@ def fit(
       ``val_loader`` and the loss reports ``accuracy``, else None.
     best_mode: ``'max'`` or ``'min'``: whether larger ``best_metric`` is better.
     log_every: bring step metrics to the host, check them and update the
-      progress bar every this many steps.
+      progress bar at most this many steps after the last time (which is
+      also done at the end of every epoch). Each is a sync point: the host
+      waits for the device.
     progress: show a ``tqdm`` progress bar with the epoch, step and running
       loss; in a notebook it is plain text redrawn in place, so the stored
       notebook shows the run's final state.
@@ -356,7 +358,8 @@ def fit(
     ...                  remainder='pad'), checkpoint_dir='runs/cnn')
     >>> ft.plot_history(history, 'accuracy')                                  # doctest: +SKIP
   """
-  # 1. Check everything before any device work.
+  # 1. Check everything before any device work: the arguments, the split of (model, optimizer) (that
+  # the optimizer fits the model) and the data, traced through the train step itself.
   check_fit_arguments(model, optimizer, train_loader, epochs, val_loader, loss_fn, checkpoint_dir,
                       checkpoint_every, best_metric, best_mode, log_every, on_nonfinite, keep, resume,
                       accept_new_hyperparams, steps_per_dispatch)
@@ -364,7 +367,13 @@ def fit(
   check_parallel_loaders(parallel, train_loader, val_loader)
   train_step = make_train_step(loss_fn, loss_scale=loss_scale, parallel=parallel)  # checks both
   eval_step = make_eval_step(loss_fn, parallel=parallel)
-  aux_names = check_data(model, loss_fn, train_loader, val_loader, eval_step)
+  state = train_step.split(model, optimizer, for_loop=True)  # nothing placed on devices yet
+  if not state.fast:
+    raise ValueError('model: fit needs Variables that hold plain arrays (no refs, no hijax Variables); '
+                     'train such a model with your own loop around ft.make_train_step')
+  first = next(iter(train_loader.epoch(0)))
+  names = check_data(state, loss_fn, train_loader, val_loader, eval_step, first, loss_scale)
+  aux_names = [name for name in names if name not in RESERVED]
   best_metric = _default_best_metric(best_metric, aux_names, val_loader)
   if checkpoint_dir is not None and best_metric is not None:
     check_best_metric(aux_names, best_metric, val_loader is not None)
@@ -380,23 +389,23 @@ def fit(
   saver = None if checkpoint_dir is None else RunCheckpoints(
       checkpoint_dir, keep=keep, best_metric=best_metric, best_mode=best_mode,
       fingerprint=fingerprint(train_loader), say=chores.say)
-  state: Any = None
   arrays: list[Any] | None = None  # the run's arrays between sync points: the objects are stale
   buffer: MetricsBuffer | None = None
-  names: list[str] = []
   params: list[int] = []
   pending: list[int] = []  # the steps whose metrics wait in the buffer
+  logged = 0  # the step count at the last log
 
   def log(check: bool = True) -> None:
     """The buffered metrics to the host in one transfer; the progress bar, the finite check, the live plot."""
-    nonlocal buffer
+    nonlocal buffer, logged
     if not pending:
       return
     values, finite = jax.device_get((buffer.values, _all_finite([arrays[i] for i in params])))
     values = values[:len(pending)]
     steps, rows = list(pending), [dict(zip(names, row)) for row in values.tolist()]
     pending.clear()
-    buffer = MetricsBuffer(buffer.values, np.int32(0))
+    logged = position.step
+    buffer = buffer._replace(count=np.int32(0))
     loss = records.add(steps, rows, values_finite=bool(np.isfinite(values).all()), params_finite=bool(finite),
                        check=check, checkpoint=_checkpoint_path(saver))
     extra = {'skipped': position.nonfinite_steps} if position.nonfinite_steps else {}
@@ -413,23 +422,17 @@ def fit(
 
   try:
     with deferred_interrupts() as interrupted:
-      # 2. Resume, split once, take the arrays out.
-      # The split checks that the optimizer fits the model and, with parallel, places both on the
-      # mesh: before a resume, which restores into the same Variables at these placements.
-      state = train_step.split(model, optimizer, for_loop=True)
-      if not state.fast:
-        raise ValueError('model: fit needs Variables that hold plain arrays (no refs, no hijax Variables); '
-                         'train such a model with your own loop around ft.make_train_step')
+      # 2. Place, resume, take the arrays out. With parallel, both objects go on the mesh before a
+      # resume, which restores into the same Variables at these placements.
+      state.place()
       if saver is not None:
         saver.open(model, optimizer, position, resume=resume, epochs=epochs,
                    accept_new_hyperparams=accept_new_hyperparams, loss_scale=_scale_state(loss_scale))
         records.resume_epoch()
         loss_scale = _restored_scale(loss_scale, position.loss_scale)
-      first = next(iter(train_loader.epoch(0)))
       per_dispatch = steps_per_dispatch
       if per_dispatch > 1 and many_mode(state.spec, state.read(), stack_batches([first]), loss_scale) == 'loop':
         per_dispatch = 1  # a convolution on the CPU: many steps per call would be slower
-      names = metric_names(state, first, loss_scale)
       params = [i for i, v in enumerate(state.variables) if isinstance(v, nnx.Param)]
       source = EpochOnDevice(train_loader) if EpochOnDevice.suits(train_loader, parallel) else HostBatches(train_loader, parallel)
       capacity = 1 << (log_every + per_dispatch - 1).bit_length()  # a power of two: fewer shapes to compile for
@@ -443,6 +446,7 @@ def fit(
 
       # 3. The loop: dispatches of one or K steps on the arrays, chores at the sync points.
       chores.start(epochs * steps_per_epoch, position.step)
+      logged = position.step
       for epoch in range(position.epoch, epochs):
         chores.epoch(epoch, epochs)
         index = position.batch if epoch == position.epoch else 0
@@ -452,14 +456,14 @@ def fit(
             raise KeyboardInterrupt
           stacked = stack_size(index, position.step, steps_per_epoch, per_dispatch, checkpoint_every)
           for steps, batch in source.take(stacked):
-            arrays, buffer, loss_scale, following = step(
+            arrays, buffer, loss_scale, position_after = step(
                 arrays, batch, loss_scale, buffer, spec=state.spec, steps=None if steps == 1 else steps)
-            source.advance(following)
+            source.advance(position_after)
             pending.extend(range(position.step, position.step + steps))
             position.step += steps
           index += stacked
           position.batch = index
-          if position.step % log_every < stacked:  # passed a multiple of log_every
+          if position.step - logged >= log_every:  # log_every steps since the last log (an epoch's end included)
             log()
           if checkpoint_every and position.step % checkpoint_every == 0 and index < steps_per_epoch:
             log()

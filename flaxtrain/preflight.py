@@ -2,16 +2,16 @@
 
 Every check here fails before any training, with an error that names the
 argument or loader, what was expected and what was given. The checks that
-trace ``loss_fn`` go through the compiled eval step's ``eval_shape``, so JAX
-traces them once per structure: a second ``fit`` on a model of the same
-structure traces nothing again.
+trace ``loss_fn`` go through the compiled train and eval steps'
+``eval_shape``, so JAX traces them once per structure: a second ``fit`` on
+a model of the same structure traces nothing again.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -26,8 +26,11 @@ from flaxtrain.evaluation import eval_arrays
 from flaxtrain.evaluation import eval_view
 from flaxtrain.losses import LossFn
 from flaxtrain.parallel import DataParallel
+from flaxtrain.steps import RESERVED
 from flaxtrain.steps import StepSpec
+from flaxtrain.steps import TrainState
 from flaxtrain.steps import classification_loss
+from flaxtrain.steps import metric_names
 
 __all__ = [
     'check_best_metric',
@@ -125,8 +128,8 @@ def _eval_spec(model: nnx.Module, loss_fn: Any) -> tuple[StepSpec, list[Any]]:
   return StepSpec(graphdef, jax.tree.structure(state), loss_fn), jax.tree.leaves(state)
 
 
-def _trace_loss(spec: StepSpec, arrays: list[Any], loss_fn: LossFn, batch: Any, source: str) -> list[str]:
-  """Traces loss_fn on ``batch`` in evaluation mode (shapes only); returns the aux names."""
+def _traced(source: str, loss_fn: LossFn, batch: Any, trace: Callable[[], Any]) -> Any:
+  """``trace()``, which traces ``loss_fn`` on ``batch`` (shapes only); its errors name ``source`` and the batch."""
   if not isinstance(batch, Mapping):
     shown = f'a {type(batch).__name__} of {len(batch)}' if isinstance(batch, (tuple, list)) else type(batch).__name__
     raise TypeError(
@@ -135,7 +138,7 @@ def _trace_loss(spec: StepSpec, arrays: list[Any], loss_fn: LossFn, batch: Any, 
   expected = " (classification_loss reads 'image' and integer 'label', and 'mask' if present)" \
       if loss_fn is classification_loss else ''
   try:
-    out = eval_arrays.eval_shape(arrays, batch, spec=spec)
+    return trace()
   except KeyError as error:
     raise ValueError(
         f'{source}: loss_fn reads batch[{error.args[0]!r}], but the batches hold {_batch_keys(batch)}{expected}'
@@ -150,18 +153,27 @@ def _trace_loss(spec: StepSpec, arrays: list[Any], loss_fn: LossFn, batch: Any, 
   except IndexError as error:
     raise ValueError(f'{source}: a batch {_batch_keys(batch)} does not fit model and loss_fn{expected}: '
                      f'IndexError: {error}') from error
+
+
+def _trace_loss(spec: StepSpec, arrays: list[Any], loss_fn: LossFn, batch: Any, source: str) -> list[str]:
+  """Traces loss_fn on ``batch`` in evaluation mode (shapes only); returns the aux names."""
+  out = _traced(source, loss_fn, batch, lambda: eval_arrays.eval_shape(arrays, batch, spec=spec))
   return [name for name in out if name not in ('loss', 'count')]
 
 
 def _num_classes(spec: StepSpec, arrays: list[Any], batch: Mapping[str, Any]) -> int:
-  logits_spec = StepSpec(spec.graphdef, spec.treedef, None)
+  logits_spec = StepSpec(spec.graphdef, spec.treedef, None, structure=spec.structure)
   return int(_logits.eval_shape(arrays, batch['image'], spec=logits_spec).shape[-1])
 
 
 @functools.partial(jax.jit, static_argnames=('spec',))
 def _logits(arrays: list[Any], images: Any, *, spec: StepSpec) -> jax.Array:
-  """The model's outputs on ``images`` (only its ``eval_shape`` is used: one trace per structure)."""
-  return nnx.merge(spec.graphdef, jax.tree.unflatten(spec.treedef, arrays))(images)
+  """The model's outputs on ``images`` (only its ``eval_shape`` is used: one trace per structure).
+
+  ``spec`` is that of a train state: the model comes first in ``(model, optimizer)``.
+  """
+  model, _ = nnx.merge(spec.graphdef, jax.tree.unflatten(spec.treedef, arrays))
+  return model(images)
 
 
 def _check_labels(labels: Any, mask: Any, num_classes: int, source: str) -> None:
@@ -188,19 +200,32 @@ def _signature(batch: Any) -> Any:
   return tuple(sorted((k, np.shape(v), str(getattr(v, 'dtype', type(v).__name__))) for k, v in batch.items()))
 
 
-def check_data(model: nnx.Module, loss_fn: LossFn, train_loader: Any, val_loader: Any, eval_step: Any) -> list[str]:
-  """Checks, before any training, that the batches fit the model and loss_fn; returns the aux names.
+def check_data(state: TrainState, loss_fn: LossFn, train_loader: Any, val_loader: Any, eval_step: Any,
+               first: Any, loss_scale: Any) -> list[str]:
+  """Checks, before any training, that the batches fit the model and loss_fn; returns the step's metric names.
 
-  The first training batch and every distinct shape of validation batch are
-  traced (shapes only); with the default loss, labels are checked on the host
-  against the number of outputs; a padded validation batch is evaluated twice
-  to check that loss_fn honours its mask.
+  The first training batch is traced through the train step itself (shapes
+  only: JAX traces it once per structure, and the names of its metrics come
+  from the same trace), every distinct shape of validation batch through
+  the evaluation step; with the default loss, labels are checked on the host
+  against the number of outputs; a padded validation batch is evaluated
+  twice to check that loss_fn honours its mask.
+
+  Args:
+    state: the :class:`flaxtrain.steps.TrainState` of ``(model, optimizer)``.
+    loss_fn, train_loader, val_loader: as given to ``fit``.
+    eval_step: the evaluation step ``fit`` validates with.
+    first: the first batch of ``train_loader.epoch(0)``.
+    loss_scale: as given to ``fit``.
+
+  Returns:
+    The names of the train step's metrics, sorted (the order the step packs them in).
   """
-  spec, arrays = _eval_spec(model, loss_fn)
-  first = next(iter(train_loader.epoch(0)))
-  names = _trace_loss(spec, arrays, loss_fn, first, 'train_loader')
+  model = state.model
+  names = _traced('train_loader', loss_fn, first, lambda: metric_names(state, first, loss_scale))
+  aux = sorted(name for name in names if name not in RESERVED)
   classify = loss_fn is classification_loss
-  num_classes = _num_classes(spec, arrays, first) if classify else None
+  num_classes = _num_classes(state.spec, state.read(), first) if classify else None
   data = getattr(train_loader, 'data', None)
   if classify and isinstance(data, Mapping) and 'label' in data:
     _check_labels(data['label'], None, num_classes, 'train_loader')
@@ -211,14 +236,15 @@ def check_data(model: nnx.Module, loss_fn: LossFn, train_loader: Any, val_loader
   if val_loader is None:
     return names
   check_covers_its_data('val_loader', val_loader)
+  spec, arrays = _eval_spec(model, loss_fn)  # validation runs in evaluation mode: trace it so
   seen, padded = set(), None
   for batch in val_batches(val_loader):
     signature = _signature(batch)
     if signature not in seen:
       seen.add(signature)
-      val_names = _trace_loss(spec, arrays, loss_fn, batch, 'val_loader')
-      if val_names != names:
-        raise ValueError(f'val_loader: loss_fn returns aux {val_names} on its batches but {names} on training batches')
+      val_aux = _trace_loss(spec, arrays, loss_fn, batch, 'val_loader')
+      if sorted(val_aux) != aux:
+        raise ValueError(f'val_loader: loss_fn returns aux {val_aux} on its batches but {aux} on training batches')
     if classify and 'label' in batch:
       _check_labels(batch['label'], batch.get('mask'), num_classes, 'val_loader')
     if padded is None and 'mask' in batch and np.any(np.asarray(batch['mask']) == 0):

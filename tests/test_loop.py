@@ -225,6 +225,23 @@ def test_parameters_that_become_non_finite_stop_the_run(digits):
     fit(model, optimizer, train_loader(digits), digits, epochs=1, log_every=1)
 
 
+@pytest.mark.parametrize('bad_step, log_every, steps_per_dispatch', [
+    (2, 3, 1),  # the step right before a log: found at that log, not by the next step's loss
+    (7, 100, 1),  # the last step of the run, every loss finite: found at the epoch's end
+    (7, 100, 4),  # the same inside a stack of 4 steps per dispatch
+])
+def test_parameters_that_become_non_finite_at_the_step_before_a_log_are_found_at_that_log(
+    digits, bad_step, log_every, steps_per_dispatch):
+  """fit checks the parameters at each log, the end of an epoch included: not one log late."""
+  rate = lambda count: jnp.where(count == bad_step, jnp.nan, 0.01)  # NaN updates at one step only
+  model, optimizer = make_pair(tx=optax.sgd(rate))
+  with pytest.raises(FloatingPointError, match=rf'parameters became non-finite between step \d+ .* and step {bad_step}, '
+                     r'although every loss and gradient norm was finite') as raised:
+    fit(model, optimizer, train_loader(digits), digits, epochs=2, log_every=log_every,
+        steps_per_dispatch=steps_per_dispatch, val_loader=None, best_metric=None)
+  assert np.isfinite(raised.value.history.steps()['loss']).all()
+
+
 def test_apply_if_finite_skips_the_bad_step_and_training_goes_on(digits):
   tx = optax.apply_if_finite(make_tx(), max_consecutive_errors=3)
   model, optimizer = make_pair(tx=tx)
