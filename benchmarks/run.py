@@ -26,6 +26,9 @@ and ``ft.CNN`` (batch 64). The variants (see benchmarks/README.md):
   batches per call; the time is per step (per call / K).
 * ``pure_float_loss`` and ``flaxtrain_float_loss``: ``pure_jax`` and
   ``flaxtrain_step`` with a ``float(metrics['loss'])`` after every step.
+* ``flaxtrain_step_donate``: ``ft.make_train_step(donate=True)``, which
+  donates as ``pure_jax`` does (no target: it shows what keeping the
+  replaced arrays, the default, costs).
 * ``pure_loop`` and the ``fit`` variants: whole runs of epochs over the same
   ``ft.DataLoader``. ``pure_loop`` is a hand-written loop around a pure
   ``jax.jit`` step (donating) that returns only the loss, keeps the epoch's
@@ -305,9 +308,9 @@ def outline_loop(model, tx, data) -> Runner:
   return _single(run, data)
 
 
-def flaxtrain_step(model, tx, data, *, read_loss: bool = False) -> Runner:
+def flaxtrain_step(model, tx, data, *, read_loss: bool = False, donate: bool = False) -> Runner:
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  step = ft.make_train_step()
+  step = ft.make_train_step(donate=donate)
 
   def run(batch):
     metrics = step(model, optimizer, batch)
@@ -402,6 +405,7 @@ STEP_VARIANTS = {
     'flaxtrain_many': flaxtrain_many,
     'pure_float_loss': functools.partial(pure_jax, read_loss=True),
     'flaxtrain_float_loss': functools.partial(flaxtrain_step, read_loss=True),
+    'flaxtrain_step_donate': functools.partial(flaxtrain_step, donate=True),
 }
 # Loop variants: factory(workload, data, epochs of the workload's call) -> Runner.
 LOOP_VARIANTS = {
