@@ -40,13 +40,28 @@ from flax import nnx
 __all__ = ['function_key', 'optimizer_key']
 
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, np.generic, np.dtype)
+# Beyond these, a description costs more than the jaxpr it saves (hashing a large array a function happens
+# to read, a container of a module's registry): fall back to the jaxpr.
+_MAX_ARRAY_VALUES = 1 << 16
+_MAX_VALUES_READ = 5000
 
 
 class _NotComparable(Exception):
   """Raised inside :func:`function_key` for a value it cannot compare by content."""
 
 
-def _value_key(value: Any, seen: set[int]) -> Any:
+class _Reading:
+  """What one description has read so far: the functions being described, and how many values."""
+
+  def __init__(self):
+    self.functions: set[int] = set()
+    self.values = 0
+
+
+def _value_key(value: Any, seen: _Reading) -> Any:
+  seen.values += 1
+  if seen.values > _MAX_VALUES_READ:
+    raise _NotComparable
   if isinstance(value, _PLAIN):
     return type(value), value
   if isinstance(value, type):
@@ -56,6 +71,8 @@ def _value_key(value: Any, seen: set[int]) -> Any:
   if isinstance(value, jax.core.Tracer):
     raise _NotComparable
   if isinstance(value, (np.ndarray, jax.Array)):
+    if np.size(value) > _MAX_ARRAY_VALUES:
+      raise _NotComparable
     array = np.asarray(value)
     return 'array', array.dtype.str, array.shape, hashlib.sha1(array.tobytes()).hexdigest()
   if isinstance(value, (tuple, list)):  # NamedTuples too: their class is part of the key
@@ -84,10 +101,10 @@ def _names_read(code: types.CodeType) -> set[str]:
   return names
 
 
-def _function_key(function: types.FunctionType, seen: set[int]) -> Any:
-  if id(function) in seen:  # a function reached again through itself: its key is being built
+def _function_key(function: types.FunctionType, seen: _Reading) -> Any:
+  if id(function) in seen.functions:  # a function reached again through itself: its key is being built
     return 'again', function.__qualname__
-  seen.add(id(function))
+  seen.functions.add(id(function))
   cells = []
   for cell in function.__closure__ or ():
     try:
@@ -114,7 +131,7 @@ def function_key(function: Any) -> Any:
     False
   """
   try:
-    return _value_key(function, set())
+    return _value_key(function, _Reading())
   except (_NotComparable, RecursionError):  # RecursionError: a container that holds itself
     return None
 

@@ -134,3 +134,11 @@ def test_a_step_compiled_for_one_rate_is_not_reused_for_another():
       reference_step(twin, twin_optimizer, batch(seed))
     for ours, theirs in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(twin))):
       np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_a_large_array_the_update_reads_is_not_hashed_on_every_call_the_jaxpr_describes_it():
+  big = np.ones(1 << 17, np.float32)  # e.g. a notebook's data set that a custom update happens to read
+  tx = optax.GradientTransformation(lambda params: optax.EmptyState(),
+                                    lambda g, s, p=None: (jax.tree.map(lambda x: -0.1 * x * big[0], g), s))
+  assert function_key(tx.update) is None
+  assert key_of(tx)[2] == 'jaxpr'
