@@ -87,8 +87,14 @@ def _value_key(value: Any, seen: _Reading) -> Any:
     return 'method', _value_key(value.__func__, seen), _value_key(value.__self__, seen)
   module = sys.modules.get(getattr(value, '__module__', None) or '')
   name = getattr(value, '__name__', None)
-  if callable(value) and module is not None and isinstance(name, str) and getattr(module, name, None) is value:
-    return 'global', module.__name__, name  # a module's own callable: a builtin, a jitted or custom_jvp function
+  if (callable(value) and module is not None and module.__name__ != '__main__' and isinstance(name, str)
+      and getattr(module, name, None) is value):
+    # A library's own callable (a builtin, a ufunc, a jitted function of jax.numpy), by its name: a library
+    # is not redefined while it runs. A notebook's (__main__) can be, so it is read through __wrapped__.
+    return 'global', module.__name__, name
+  wrapped = getattr(value, '__wrapped__', None)
+  if isinstance(wrapped, types.FunctionType):  # jax.jit(f), functools.wraps: described by f
+    return 'wrapped', type(value), _function_key(wrapped, seen)
   raise _NotComparable
 
 
@@ -108,9 +114,11 @@ def _function_key(function: types.FunctionType, seen: _Reading) -> Any:
   cells = []
   for cell in function.__closure__ or ():
     try:
-      cells.append(_value_key(cell.cell_contents, seen))
+      contents = cell.cell_contents
     except ValueError:  # a cell not yet filled
       cells.append('empty')
+      continue
+    cells.append(_value_key(contents, seen))
   names = sorted(name for name in _names_read(function.__code__) if name in function.__globals__)
   read = tuple((name, _value_key(function.__globals__[name], seen)) for name in names)
   return ('function', function.__code__, _value_key(function.__defaults__, seen),

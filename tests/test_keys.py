@@ -142,3 +142,23 @@ def test_a_large_array_the_update_reads_is_not_hashed_on_every_call_the_jaxpr_de
                                     lambda g, s, p=None: (jax.tree.map(lambda x: -0.1 * x * big[0], g), s))
   assert function_key(tx.update) is None
   assert key_of(tx)[2] == 'jaxpr'
+
+
+def test_a_jitted_helper_redefined_in_a_notebook_changes_the_key():
+  """A notebook's names live in __main__: a jitted helper defined again is read through its __wrapped__."""
+  namespace = {'__name__': '__main__', 'jax': jax, 'optax': optax}
+  source = '''
+helper = jax.jit(lambda g: {scale} * g)
+
+def make():
+  return optax.GradientTransformation(lambda params: optax.EmptyState(),
+                                      lambda grads, state, params=None: (jax.tree.map(helper, grads), state))
+'''
+  exec(source.format(scale=-0.1), namespace)
+  tx = namespace['make']()
+  before = function_key(tx.update)
+  assert before is not None
+  exec(source.format(scale=-0.1), namespace)  # the cell run again, unchanged
+  assert function_key(namespace['make']().update) == before
+  exec(source.format(scale=-0.5), namespace)  # the cell edited and run again
+  assert function_key(tx.update) != before
